@@ -1,0 +1,3 @@
+from relaymesh.cli import main
+
+main()

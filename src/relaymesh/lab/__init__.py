@@ -1,0 +1,1 @@
+"""relaymesh.lab: real NAT topologies in network namespaces, and an in-memory twin."""

@@ -1,0 +1,1 @@
+"""relaymesh.wireguard: sans-IO WireGuard (whitepaper protocol) and its I/O shell."""
