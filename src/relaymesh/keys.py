@@ -1,9 +1,10 @@
 """Typed Curve25519 keys.
 
 Each kind of key has its own class so that a disco key can never be passed where a node key is
-expected. Text forms carry a prefix (``nodekey:``, ``discokey:``, ``privkey:``) followed by lowercase
-hex, like Tailscale; WireGuard-style base64 is accepted and produced too (``to_base64``), because
-wg(8) and wg-quick files use it. ``short`` is the form for logs: never the private key.
+expected. Text forms carry a prefix (``nodekey:``, ``discokey:``, ``privkey:``) followed by
+lowercase hex, like Tailscale; WireGuard-style base64 is accepted and produced too
+(``to_base64``), because wg(8) and wg-quick files use it. ``short`` is the form for logs; a
+private key never prints its material.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class _Key32:
         return self._raw
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other._raw == self._raw  # type: ignore[attr-defined]
+        return type(other) is type(self) and isinstance(other, _Key32) and other._raw == self._raw
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self._raw))
@@ -91,7 +92,8 @@ class PublicKey(_Key32):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.short})"
 
-    __str__ = to_text
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 class NodeKey(PublicKey):
