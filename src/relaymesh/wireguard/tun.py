@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import struct
+import time
 from typing import Protocol
 
 TUN_PATH = "/dev/net/tun"
@@ -148,9 +149,22 @@ class MemoryTun:
         self._test.close()
 
     # --- the test's side: the "kernel" ---
-    def inject(self, packet: bytes) -> None:
-        """Queue a packet for the datapath to read, as if an application sent it into the TUN."""
-        self._test.send(packet)
+    def inject(self, packet: bytes, timeout: float = 2.0) -> None:
+        """Queue a packet for the datapath to read, as if an application sent it into the TUN.
+
+        The queue is short (``net.unix.max_dgram_qlen``, 10 by default): wait up to ``timeout``
+        seconds for room, then raise ``TimeoutError``.
+        """
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self._test.send(packet)
+                return
+            except BlockingIOError:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("MemoryTun: datapath is not reading") from None
+                select.select([], [self._test], [], left)
 
     def delivered(self, timeout: float = 0.0) -> bytes | None:
         """The next packet the datapath wrote to the TUN, waiting up to ``timeout`` seconds."""

@@ -1,0 +1,413 @@
+"""The WireGuard fast path: TUN <-> sans-IO core <-> one UDP socket, on plain threads.
+
+Why threads and not asyncio: a per-datagram asyncio callback costs ~25-30 us on this class of
+machine, a plain ``recv_into``/``sendto`` loop ~7-10 us (shared/design/MEASUREMENTS.md). So each
+direction is a blocking loop that waits in ``poll`` and then drains its fd until it would block:
+
+- ``outbound`` thread: TUN fd -> ``Device.send_packet`` -> ``sendto``;
+- ``inbound`` thread: UDP ``recvfrom_into`` (preallocated buffers) -> ``Device.receive`` -> TUN
+  ``write`` and ``sendto`` (handshake responses, flushed queues);
+- ``timers`` thread: sleeps until ``Device.next_deadline()`` (re-checked at least every
+  ``TIMER_GRANULARITY`` seconds, and at once after a control call) and runs ``Device.tick``.
+
+With ``threads=1`` one I/O thread polls both fds (kept to measure against; see docs/benchmarks.md).
+
+The core is not thread-safe, so every call into it holds ``self.lock``; syscalls run outside it
+(they release the GIL, so the other direction's interpreter work overlaps them). A batch of up to
+``BATCH`` packets is read first, then processed under one lock hold, then sent: one lock round and
+one clock read per batch instead of per packet. Control calls (peer changes, handshakes, stats) go
+through :meth:`Datapath.call`, which takes the same lock.
+
+Nothing raises out of a loop: errors from the core or from a syscall on one packet are counted in
+``drops`` (by reason) and the packet is dropped. The datagram memoryview handed to
+``Device.receive`` points into a reused buffer and is valid only during that call.
+
+Endpoints handed to the core are ``(ip, port)`` tuples with plain dotted IPv4 even on the dual-stack
+socket (``::ffff:a.b.c.d`` is unmapped), so config endpoints and observed sources compare equal.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from relaymesh.wireguard.tun import TunLike
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # packets per lock hold; bounds the latency added to the first packet of a batch
+RECV_BUFSIZE = 65535  # a UDP datagram can be this large; real ones are <= MTU + 32 + 28/48
+SOCK_BUFSIZE = 4 << 20  # 4 MiB socket buffers absorb bursts while the other thread holds the GIL
+TIMER_GRANULARITY = 0.1  # s: the timer thread re-reads next_deadline() at least this often
+ENDPOINT_CACHE_MAX = 4096  # bounds the sockaddr<->endpoint caches against spoofed-source floods
+V4_MAPPED = "::ffff:"  # IPv4-mapped IPv6 prefix used by a dual-stack socket (RFC 4291 2.5.5.2)
+
+T = TypeVar("T")
+
+
+class TransmitLike(Protocol):
+    @property
+    def endpoint(self) -> Hashable: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+
+class ReceivedLike(Protocol):
+    @property
+    def transmits(self) -> Sequence[TransmitLike]: ...
+
+    @property
+    def packets(self) -> Sequence[bytes]: ...
+
+
+class DeviceLike(Protocol):
+    """The part of ``relaymesh.wireguard.device.Device`` the datapath drives."""
+
+    def send_packet(self, ip_packet: bytes, now: float) -> Sequence[TransmitLike]: ...
+
+    def receive(self, datagram: memoryview, source: Any, now: float) -> ReceivedLike: ...
+
+    def tick(self, now: float) -> Sequence[TransmitLike]: ...
+
+    def next_deadline(self) -> float | None: ...
+
+
+class Counters:
+    """Datapath counters. Each field has one writer thread, so plain ints need no lock."""
+
+    __slots__ = (
+        "drops",
+        "tun_rx_bytes",
+        "tun_rx_packets",
+        "tun_tx_bytes",
+        "tun_tx_packets",
+        "udp_rx_bytes",
+        "udp_rx_packets",
+        "udp_tx_bytes",
+        "udp_tx_packets",
+    )
+
+    def __init__(self) -> None:
+        self.tun_rx_packets = 0  # read from TUN (outbound plaintext)
+        self.tun_rx_bytes = 0
+        self.tun_tx_packets = 0  # written to TUN (inbound plaintext)
+        self.tun_tx_bytes = 0
+        self.udp_rx_packets = 0
+        self.udp_rx_bytes = 0
+        self.udp_tx_packets = 0
+        self.udp_tx_bytes = 0
+        self.drops: collections.Counter[str] = collections.Counter()
+
+    def as_dict(self) -> dict[str, int]:
+        d = {k: getattr(self, k) for k in self.__slots__ if k != "drops"}
+        d.update({f"drop_{k}": v for k, v in self.drops.items()})
+        return d
+
+
+def open_udp_socket(port: int = 0, host: str = "") -> socket.socket:
+    """A dual-stack UDP socket (IPv4 only if IPv6 is off), blocking for sends, big buffers."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host or "::", port))
+    except OSError:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((host or "0.0.0.0", port))
+    for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # 32/33: SO_*BUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCK_BUFSIZE)  # root: above rmem_max
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUFSIZE)
+    return sock
+
+
+class Datapath:
+    """Runs a device between a TUN and a UDP socket until :meth:`stop`."""
+
+    def __init__(
+        self,
+        device: DeviceLike,
+        tun: TunLike,
+        sock: socket.socket,
+        *,
+        threads: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if threads not in (1, 2):
+            raise ValueError("threads must be 1 or 2")
+        self.device = device
+        self.tun = tun
+        self.sock = sock
+        self.threads = threads
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.counters = Counters()
+        self._v6 = sock.family == socket.AF_INET6
+        self._ep_out: dict[Hashable, Any] = {}  # endpoint -> sockaddr
+        self._ep_in: dict[Any, tuple[str, int]] = {}  # sockaddr -> endpoint
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = threading.Event()
+        self._timer_kick = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._errors_logged: collections.Counter[str] = collections.Counter()
+
+    # ---- control side -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._threads:
+            raise RuntimeError("datapath already started")
+        self.sock.setblocking(True)  # sends block (backpressure); receives use MSG_DONTWAIT
+        os.set_blocking(self.tun.fileno(), False)
+        loops: list[tuple[str, Callable[[], None]]] = [("timers", self._timer_loop)]
+        if self.threads == 2:
+            loops += [("outbound", self._outbound_loop), ("inbound", self._inbound_loop)]
+        else:
+            loops += [("io", self._single_loop)]
+        for name, fn in loops:
+            t = threading.Thread(target=self._guard, args=(name, fn), name=f"wg-{name}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the threads (idempotent). Does not close the TUN or the socket: the owner does."""
+        self._stopping.set()
+        self._timer_kick.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def call(self, fn: Callable[[Any, float], T]) -> T:
+        """Run ``fn(device, now)`` under the device lock (peer changes, status), then re-arm timers.
+
+        A returned list of transmits is NOT sent automatically; pass it to :meth:`transmit`.
+        """
+        with self.lock:
+            result = fn(self.device, self.clock())
+        self._timer_kick.set()
+        return result
+
+    def transmit(self, transmits: Sequence[TransmitLike]) -> None:
+        """Send datagrams the core produced outside the loops (e.g. ``initiate_handshake``)."""
+        self._send_all(transmits, self.counters)
+
+    def stats(self) -> dict[str, int]:
+        """Datapath counters plus the core's drop reasons (prefixed ``core_drop_``)."""
+        d = self.counters.as_dict()
+        drops = getattr(self.device, "drops", None)
+        if drops is not None:
+            with self.lock:
+                d.update({f"core_drop_{k}": int(v) for k, v in dict(drops).items()})
+        return d
+
+    # ---- endpoints ----------------------------------------------------------------------------
+    def _sockaddr(self, endpoint: Hashable) -> Any:
+        sa = self._ep_out.get(endpoint)
+        if sa is None:
+            if not isinstance(endpoint, tuple) or len(endpoint) < 2:
+                raise ValueError("endpoint must be (ip, port)")
+            ip, port = str(endpoint[0]), int(endpoint[1])
+            if self._v6 and ":" not in ip:
+                ip = V4_MAPPED + ip
+            sa = (ip, port)
+            if len(self._ep_out) >= ENDPOINT_CACHE_MAX:
+                self._ep_out.clear()
+            self._ep_out[endpoint] = sa
+        return sa
+
+    def _endpoint(self, addr: Any) -> tuple[str, int]:
+        ep = self._ep_in.get(addr)
+        if ep is None:
+            ip: str = addr[0]
+            if ip.startswith(V4_MAPPED) and "." in ip:
+                ip = ip[len(V4_MAPPED) :]
+            ep = (ip, addr[1])
+            if len(self._ep_in) >= ENDPOINT_CACHE_MAX:
+                self._ep_in.clear()
+            self._ep_in[addr] = ep
+        return ep
+
+    # ---- loops --------------------------------------------------------------------------------
+    def _guard(self, name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:  # a bug in a loop must not kill the process silently
+            log.exception("datapath %s thread died", name)
+            self.counters.drops[f"{name}_thread_died"] += 1
+
+    def _count_error(self, reason: str, e: BaseException) -> None:
+        self.counters.drops[reason] += 1
+        self._errors_logged[reason] += 1
+        n = self._errors_logged[reason]
+        if n & (n - 1) == 0:  # log the 1st, 2nd, 4th, 8th... occurrence: visible, not a flood
+            log.warning("datapath: %s (%d so far): %s: %s", reason, n, type(e).__name__, e)
+
+    def _send_all(self, transmits: Sequence[TransmitLike], c: Counters) -> None:
+        sendto = self.sock.sendto
+        for tx in transmits:
+            try:
+                n = sendto(tx.data, self._sockaddr(tx.endpoint))
+            except (OSError, ValueError, TypeError) as e:
+                self._count_error("udp_send_error", e)
+                continue
+            c.udp_tx_packets += 1
+            c.udp_tx_bytes += n
+
+    def _drain_tun(self) -> int:
+        """Read up to BATCH packets from TUN, encrypt them under one lock hold, send them."""
+        fd = self.tun.fileno()
+        read = os.read
+        pkts: list[bytes] = []
+        try:
+            while len(pkts) < BATCH:
+                pkts.append(read(fd, RECV_BUFSIZE))
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self._count_error("tun_read_error", e)
+        if not pkts:
+            return 0
+        c = self.counters
+        out: list[TransmitLike] = []
+        dev = self.device
+        with self.lock:
+            now = self.clock()
+            for p in pkts:
+                try:
+                    out.extend(dev.send_packet(p, now))
+                except Exception as e:
+                    self._count_error("core_send_error", e)
+        c.tun_rx_packets += len(pkts)
+        c.tun_rx_bytes += sum(map(len, pkts))
+        self._send_all(out, c)
+        return len(pkts)
+
+    def _drain_udp(self, bufs: list[bytearray], views: list[memoryview]) -> int:
+        """Receive up to BATCH datagrams, decrypt under one lock hold, write packets to TUN."""
+        recv_into = self.sock.recvfrom_into
+        got: list[tuple[int, Any]] = []
+        try:
+            for buf in bufs:
+                got.append(recv_into(buf, RECV_BUFSIZE, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self._count_error("udp_recv_error", e)
+        if not got:
+            return 0
+        c = self.counters
+        dev = self.device
+        endpoint = self._endpoint
+        to_tun: list[bytes] = []
+        out: list[TransmitLike] = []
+        nbytes = 0
+        with self.lock:
+            now = self.clock()
+            for i, (n, addr) in enumerate(got):
+                nbytes += n
+                try:
+                    r = dev.receive(views[i][:n], endpoint(addr), now)
+                except Exception as e:
+                    self._count_error("core_receive_error", e)
+                    continue
+                if r.packets:
+                    to_tun.extend(r.packets)
+                if r.transmits:
+                    out.extend(r.transmits)
+        c.udp_rx_packets += len(got)
+        c.udp_rx_bytes += nbytes
+        fd = self.tun.fileno()
+        write = os.write
+        for p in to_tun:
+            try:
+                write(fd, p)
+            except BlockingIOError:
+                c.drops["tun_full"] += 1
+                continue
+            except OSError as e:
+                self._count_error("tun_write_error", e)
+                continue
+            c.tun_tx_packets += 1
+            c.tun_tx_bytes += len(p)
+        if out:
+            self._send_all(out, c)
+        return len(got)
+
+    def _udp_buffers(self) -> tuple[list[bytearray], list[memoryview]]:
+        bufs = [bytearray(RECV_BUFSIZE) for _ in range(BATCH)]
+        return bufs, [memoryview(b) for b in bufs]
+
+    def _outbound_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.tun.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        stopping = self._stopping.is_set
+        drain = self._drain_tun
+        while not stopping():
+            poller.poll()
+            while drain() == BATCH and not stopping():
+                pass
+
+    def _inbound_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        bufs, views = self._udp_buffers()
+        stopping = self._stopping.is_set
+        drain = self._drain_udp
+        while not stopping():
+            poller.poll()
+            while drain(bufs, views) == BATCH and not stopping():
+                pass
+
+    def _single_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.tun.fileno(), select.POLLIN)
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        bufs, views = self._udp_buffers()
+        stopping = self._stopping.is_set
+        while not stopping():
+            # both directions every round (a would-block read is cheap), so neither starves
+            busy = self._drain_tun() == BATCH
+            busy = self._drain_udp(bufs, views) == BATCH or busy
+            if not busy:
+                poller.poll()
+
+    def _timer_loop(self) -> None:
+        kick = self._timer_kick
+        while not self._stopping.is_set():
+            with self.lock:
+                now = self.clock()
+                deadline = self.device.next_deadline()
+                transmits: Sequence[TransmitLike] = ()
+                if deadline is not None and deadline <= now:
+                    try:
+                        transmits = self.device.tick(now)
+                    except Exception as e:
+                        self._count_error("core_tick_error", e)
+                    deadline = self.device.next_deadline()
+            if transmits:
+                self._send_all(transmits, self.counters)
+            wait = TIMER_GRANULARITY if deadline is None else deadline - now
+            # a deadline still in the past after tick() would spin: wait at least 1 ms
+            kick.wait(min(max(wait, 0.001), TIMER_GRANULARITY))
+            kick.clear()
