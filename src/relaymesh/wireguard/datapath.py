@@ -48,6 +48,12 @@ RECV_BUFSIZE = 65535  # a UDP datagram can be this large; real ones are <= MTU +
 SOCK_BUFSIZE = 4 << 20  # 4 MiB socket buffers absorb bursts while the other thread holds the GIL
 TIMER_GRANULARITY = 0.1  # s: the timer thread re-reads next_deadline() at least this often
 ENDPOINT_CACHE_MAX = 4096  # bounds the sockaddr<->endpoint caches against spoofed-source floods
+INITIATION_TYPE = 1  # whitepaper 5.4.2: first byte of a handshake initiation
+INITIATION_SIZE = 148  # whitepaper 5.4.2: fixed size of a handshake initiation
+UNDER_LOAD_INITIATIONS = 64  # initiations per LOAD_WINDOW that mean "under load" (cookies on);
+#   a legitimate peer initiates at most every REKEY_TIMEOUT (5 s), so this is a flood
+LOAD_WINDOW = 1.0  # s; also how long "under load" lasts after the last busy window, as
+#   wireguard-go's UnderLoadAfterTime
 V4_MAPPED = "::ffff:"  # IPv4-mapped IPv6 prefix used by a dual-stack socket (RFC 4291 2.5.5.2)
 
 T = TypeVar("T")
@@ -159,6 +165,9 @@ class Datapath:
         self._timer_kick = threading.Event()
         self._threads: list[threading.Thread] = []
         self._errors_logged: collections.Counter[str] = collections.Counter()
+        self._load_window_start = 0.0
+        self._load_initiations = 0
+        self._load_until = 0.0
 
     # ---- control side -------------------------------------------------------------------------
     def start(self) -> None:
@@ -208,6 +217,23 @@ class Datapath:
     def transmit(self, transmits: Sequence[TransmitLike]) -> None:
         """Send datagrams the core produced outside the loops (e.g. ``initiate_handshake``)."""
         self._send_all(transmits, self.counters)
+
+    def under_load(self) -> bool:
+        """For ``Device(under_load=...)``: True while handshake initiations arrive faster than
+        UNDER_LOAD_INITIATIONS per LOAD_WINDOW (and LOAD_WINDOW after), so the core demands
+        cookies (mac2) before spending Curve25519 work. Called by the core under the lock."""
+        return self.clock() < self._load_until
+
+    def _note_initiations(self, count: int, now: float) -> None:
+        if now - self._load_window_start > LOAD_WINDOW:
+            self._load_window_start = now
+            self._load_initiations = 0
+        self._load_initiations += count
+        if self._load_initiations >= UNDER_LOAD_INITIATIONS:
+            if self._load_until < now:
+                log.warning("under load: %d handshake initiations within %.1f s; demanding "
+                            "cookies", self._load_initiations, LOAD_WINDOW)
+            self._load_until = now + LOAD_WINDOW
 
     def stats(self) -> dict[str, int]:
         """Datapath counters plus the core's drop reasons (prefixed ``core_drop_``)."""
@@ -323,6 +349,8 @@ class Datapath:
             now = self.clock()
             for i, (n, addr) in enumerate(got):
                 nbytes += n
+                if n == INITIATION_SIZE and views[i][0] == INITIATION_TYPE:
+                    self._note_initiations(1, now)  # before the core asks under_load()
                 try:
                     r = dev.receive(views[i][:n], endpoint(addr), now)
                 except Exception as e:
