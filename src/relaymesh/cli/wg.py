@@ -17,6 +17,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -193,6 +194,8 @@ def _run(
             iface.private_key,
             timers=timers,
             under_load=lambda: bool(dp_holder) and dp_holder[0].under_load(),
+            wall_clock_offset=time.time() - time.monotonic(),  # TAI64N needs unix time
+            mtu=iface.mtu or DEFAULT_MTU,
         )
         for p in cfg.peers:
             device.set_peer(
