@@ -1,1 +1,22 @@
-"""relaymesh.lab: real NAT topologies in network namespaces, and an in-memory twin."""
+"""relaymesh.lab: real NAT topologies in network namespaces, and an in-memory twin.
+
+See docs/lab.md. The public API: :class:`Topology` (data), :class:`Lab` (a running topology),
+:class:`LabProcess` (a process spawned in a host), :class:`LabError`.
+"""
+
+from relaymesh.lab.lab import Lab, LabProcess, NodeInfo, new_run_id
+from relaymesh.lab.netns import LabError
+from relaymesh.lab.topology import NAT_KINDS, Impairment, NatKind, Topology, TopologyError
+
+__all__ = [
+    "NAT_KINDS",
+    "Impairment",
+    "Lab",
+    "LabError",
+    "LabProcess",
+    "NatKind",
+    "NodeInfo",
+    "Topology",
+    "TopologyError",
+    "new_run_id",
+]
