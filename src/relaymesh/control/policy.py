@@ -154,8 +154,9 @@ class NetSet:
     __slots__ = ("_any", "_hosts", "_nets", "networks")
 
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
-        v4 = [n for n in networks if isinstance(n, IPv4Network)]
-        v6 = [n for n in networks if isinstance(n, IPv6Network)]
+        given = list(networks)  # may be a one-shot iterator
+        v4 = [n for n in given if isinstance(n, IPv4Network)]
+        v6 = [n for n in given if isinstance(n, IPv6Network)]
         collapsed: list[IPNetwork] = [*ipaddress.collapse_addresses(v4)]
         collapsed += [*ipaddress.collapse_addresses(v6)]
         self.networks: tuple[IPNetwork, ...] = tuple(collapsed)
