@@ -634,6 +634,13 @@ class Device:
             if peer.retransmit_at is not None:
                 return []  # an attempt is running; its retransmit timer will retry
             peer.attempt_started = now
+            nxt = peer.next
+            if nxt is not None and now - nxt.created < t.rekey_timeout:
+                # We just answered the peer's initiation: its first data packet will confirm our
+                # `next` keypair within moments. Initiating now (as wireguard-go does) only races
+                # that handshake; wait up to REKEY_TIMEOUT for the confirmation instead.
+                peer.retransmit_at = nxt.created + t.rekey_timeout
+                return []
         if now - peer.last_sent_handshake < t.rekey_timeout:
             peer.retransmit_at = peer.last_sent_handshake + t.rekey_timeout
             return []
