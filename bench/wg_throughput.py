@@ -3,8 +3,8 @@
 Pairs (sender a -> receiver b, both hosts directly on the lab's internet, no impairment):
 relaymesh<->relaymesh, relaymesh<->wireguard-go, wireguard-go<->wireguard-go. Each pair runs
 ``--runs`` iperf3 tests of ``--seconds``; the table shows the median Mbit/s and the median CPU of
-each tunnel process (utime+stime from /proc/PID/stat over the run; 100% = one core). Everything shares
-the machine's cores (iperf3 client and server, both tunnel endpoints), so compare ratios.
+each tunnel process (utime+stime from /proc/PID/stat over the run; 100% = one core). Everything
+shares the machine's cores (iperf3 client and server, both tunnel endpoints), so compare ratios.
 
 Writes (or replaces) the ``wg_throughput`` section of docs/benchmarks.md unless ``--no-docs``.
 Needs root (network namespaces).  Usage::
