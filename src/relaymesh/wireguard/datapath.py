@@ -147,7 +147,13 @@ class Datapath:
         *,
         threads: int = 2,
         clock: Callable[[], float] = time.monotonic,
+        divert: Callable[[bytes, tuple[str, int]], bool] | None = None,
+        inbound_filter: Callable[[bytes, Any], bool] | None = None,
     ) -> None:
+        """``divert(datagram_copy, source)`` sees every datagram whose first byte is not a
+        WireGuard type (1..4), e.g. disco, before the core; True means it consumed it.
+        ``inbound_filter(packet, peer)`` judges each decrypted packet before the TUN write; False
+        drops it (counted as ``filtered``). Both run on the inbound thread under the lock."""
         if threads not in (1, 2):
             raise ValueError("threads must be 1 or 2")
         self.device = device
@@ -155,6 +161,8 @@ class Datapath:
         self.sock = sock
         self.threads = threads
         self.clock = clock
+        self.divert = divert
+        self.inbound_filter = inbound_filter
         self.lock = threading.Lock()
         self.counters = Counters()
         self._v6 = sock.family == socket.AF_INET6
@@ -345,10 +353,19 @@ class Datapath:
         to_tun: list[bytes] = []
         out: list[TransmitLike] = []
         nbytes = 0
+        divert = self.divert
+        flt = self.inbound_filter
         with self.lock:
             now = self.clock()
             for i, (n, addr) in enumerate(got):
                 nbytes += n
+                if divert is not None and not 1 <= views[i][0] <= 4:
+                    try:
+                        if divert(bytes(views[i][:n]), endpoint(addr)):
+                            continue
+                    except Exception as e:
+                        self._count_error("divert_error", e)
+                        continue
                 if n == INITIATION_SIZE and views[i][0] == INITIATION_TYPE:
                     self._note_initiations(1, now)  # before the core asks under_load()
                 try:
@@ -357,7 +374,20 @@ class Datapath:
                     self._count_error("core_receive_error", e)
                     continue
                 if r.packets:
-                    to_tun.extend(r.packets)
+                    if flt is None:
+                        to_tun.extend(r.packets)
+                    else:
+                        peer = getattr(r, "peer", None)
+                        for p in r.packets:
+                            try:
+                                ok = flt(p, peer)
+                            except Exception as e:
+                                self._count_error("filter_error", e)
+                                ok = False
+                            if ok:
+                                to_tun.append(p)
+                            else:
+                                c.drops["filtered"] += 1
                 if r.transmits:
                     out.extend(r.transmits)
         c.udp_rx_packets += len(got)
