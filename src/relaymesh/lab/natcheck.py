@@ -112,8 +112,8 @@ def _transact(t: ProbeTransport, dest: Addr, *, change_ip: bool = False,
     return None, None
 
 
-def run_nat_probe(t: ProbeTransport, s1: Addr, s2: Addr, *, timeout: float = 0.4,
-                  tries: int = 3) -> NatObservation:
+def run_nat_probe(t: ProbeTransport, s1: Addr, s2: Addr, *, timeout: float = 0.3,
+                  tries: int = 2) -> NatObservation:
     """Run the four transactions above from one socket (same local port throughout)."""
     m1, _ = _transact(t, s1, timeout=timeout, tries=tries)
     if m1 is None:

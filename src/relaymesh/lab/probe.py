@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=3478)
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--local-port", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=0.4)
+    p.add_argument("--timeout", type=float, default=0.3)
     p.set_defaults(fn=cmd_nat_probe)
     p = sub.add_parser("tcp-connect")
     p.add_argument("host")
