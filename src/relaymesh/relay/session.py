@@ -410,14 +410,7 @@ class RelayServer:
         if hdr.protocol != PROTO_DISCO:
             self.drops[Drop.BAD_PROTOCOL] += 1
             return []
-        try:
-            sender, msg = disco.open_sealed(memoryview(data)[HEADER_LEN:], self._private)
-        except disco.DiscoError:
-            self.drops[Drop.BAD_DISCO] += 1
-            return []
-        if not isinstance(msg, disco.Bind | disco.Answer):
-            self.drops[Drop.UNEXPECTED_MESSAGE] += 1
-            return []
+        # Cheap cleartext checks first, so unauthenticated junk costs no X25519 or box work.
         sess = self._sessions.get(hdr.session_id)
         if sess is None:
             self.drops[Drop.UNKNOWN_SESSION] += 1
@@ -426,9 +419,22 @@ class RelayServer:
             self._remove(sess)
             self.drops[Drop.EXPIRED] += 1
             return []
-        pair = sess.side_of(sender)
+        body = memoryview(data)[HEADER_LEN:]
+        try:
+            pair = sess.side_of(disco.sender_of(body))
+        except disco.DiscoError:
+            self.drops[Drop.BAD_DISCO] += 1
+            return []
         if pair is None:
             self.drops[Drop.NOT_PARTY] += 1
+            return []
+        try:
+            sender, msg = disco.open_sealed(body, self._private)
+        except disco.DiscoError:
+            self.drops[Drop.BAD_DISCO] += 1
+            return []
+        if not isinstance(msg, disco.Bind | disco.Answer):
+            self.drops[Drop.UNEXPECTED_MESSAGE] += 1
             return []
         me, them = pair
         if msg.session_id != hdr.session_id:
