@@ -382,3 +382,43 @@ def test_fuzz_relay_allocate_packets_never_raise() -> None:
         before = sum(w.srv.drops.values())
         assert w.srv.handle_allocate_packet(bytes(pkt), 0.0, lambda x, y: True) is None
         assert sum(w.srv.drops.values()) == before + 1
+
+
+def test_forward_leaves_control_packets_to_handle_datagram_uncounted() -> None:
+    w = make()
+    ep = allocate(w.srv, w.a, w.b, 0.0)
+    bind_pkt = relay.BindClient(w.a, ep, 1).bind_packet()
+    assert relay.is_control(bind_pkt)
+    assert w.srv.forward(bind_pkt, A_ADDR, 1.0) is None
+    assert w.srv.drops == {}
+    assert len(w.srv.handle_datagram(bind_pkt, A_ADDR, 1.0)) == 1
+
+
+def test_control_packet_for_unknown_session_is_dropped() -> None:
+    w = make()
+    ep = allocate(w.srv, w.a, w.b, 0.0)
+    pkt = bytearray(relay.BindClient(w.a, ep, 1).bind_packet())
+    pkt[4:7] = ((ep.session_id + 1) & 0xFFFFFF).to_bytes(3, "big")
+    assert w.srv.handle_datagram(bytes(pkt), A_ADDR, 1.0) == []
+    assert w.srv.drops == {Drop.UNKNOWN_SESSION: 1}
+
+
+def test_wireguard_protocol_in_a_control_packet_is_dropped() -> None:
+    w = make()
+    ep = allocate(w.srv, w.a, w.b, 0.0)
+    pkt = relay.encode_header(ep.session_id, relay.PROTO_WIREGUARD, control=True) + b"\x01" * 40
+    assert w.srv.handle_datagram(pkt, A_ADDR, 1.0) == []
+    assert w.srv.drops == {Drop.BAD_PROTOCOL: 1}
+
+
+def test_sessions_by_state_counts_each_state() -> None:
+    w = make()
+    allocate(w.srv, w.a, w.b, 0.0)
+    c, d = PrivateKey.generate(), PrivateKey.generate()
+    ep2 = allocate(w.srv, c, d, 0.0)
+    bind(w.srv, c, ep2, ("127.0.0.4", 1), 1.0)
+    e, g = PrivateKey.generate(), PrivateKey.generate()
+    ep3 = allocate(w.srv, e, g, 0.0)
+    bind(w.srv, e, ep3, ("127.0.0.6", 1), 1.0)
+    bind(w.srv, g, ep3, ("127.0.0.7", 1), 1.0)
+    assert w.srv.metrics().sessions_by_state == {"allocated": 1, "half_bound": 1, "bound": 1}
