@@ -422,3 +422,31 @@ def test_sessions_by_state_counts_each_state() -> None:
     bind(w.srv, e, ep3, ("127.0.0.6", 1), 1.0)
     bind(w.srv, g, ep3, ("127.0.0.7", 1), 1.0)
     assert w.srv.metrics().sessions_by_state == {"allocated": 1, "half_bound": 1, "bound": 1}
+
+
+def test_bad_configuration_is_refused_at_construction() -> None:
+    key = PrivateKey.generate()
+    with pytest.raises(ValueError):
+        RelayServer(key, 0.0, limits=RelayLimits(idle_lifetime=0.0))
+    with pytest.raises(ValueError):
+        RelayServer(key, 0.0, candidates=[(IPv4Address("127.0.0.1"), 70000)])
+    too_many = [(IPv4Address("127.0.0.1"), p) for p in range(disco.MAX_ENDPOINTS + 1)]
+    with pytest.raises(ValueError):
+        RelayServer(key, 0.0, candidates=too_many)
+
+
+def test_disco_ping_and_pong_through_the_relay() -> None:
+    """Clients measure the relay path with disco pings: protocol disco, control bit clear."""
+    w, ep = bound_pair()
+    hdr = relay.encode_header(ep.session_id, relay.PROTO_DISCO)
+    ping = disco.Ping(b"\x07" * 12, w.a.node_public())
+    out = w.srv.handle_datagram(hdr + disco.seal(ping, w.a, w.b.disco_public()), A_ADDR, 2.0)
+    assert len(out) == 1 and out[0][1] == B_ADDR
+    got = relay.decode_header(out[0][0])
+    assert (got.protocol, got.control) == (relay.PROTO_DISCO, False)
+    sender, msg = disco.open_sealed(out[0][0][relay.HEADER_LEN :], w.b)
+    assert sender == w.a.disco_public() and msg == ping
+    pong = disco.Pong(ping.tx_id, (IPv4Address(A_ADDR[0]), A_ADDR[1]))
+    back = w.srv.handle_datagram(hdr + disco.seal(pong, w.b, w.a.disco_public()), B_ADDR, 2.1)
+    assert [addr for _, addr in back] == [A_ADDR]
+    assert disco.open_sealed(back[0][0][relay.HEADER_LEN :], w.a)[1] == pong

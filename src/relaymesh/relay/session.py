@@ -225,7 +225,11 @@ class RelayServer:
         self.disco_key = private.disco_public()
         self._rng = rng
         self.limits = limits or RelayLimits()
-        self.candidates: tuple[disco.AddrPort, ...] = tuple(candidates)
+        for lifetime in (self.limits.bind_lifetime, self.limits.idle_lifetime):
+            if not 0 < lifetime * 1000 <= disco.MAX_U32:
+                raise ValueError("lifetimes must be positive and fit 32-bit milliseconds")
+        self._candidates: tuple[disco.AddrPort, ...] = ()
+        self.candidates = tuple(candidates)
         self._sessions: dict[int, _Session] = {}
         self._by_pair: dict[frozenset[DiscoKey], _Session] = {}
         self._client_sessions: Counter[DiscoKey] = Counter()
@@ -239,6 +243,20 @@ class RelayServer:
         self.drops: Counter[str] = Counter()
         self._retired_packets = 0
         self._retired_bytes = 0
+
+    @property
+    def candidates(self) -> tuple[disco.AddrPort, ...]:
+        """The relay's advertised ip:ports; the shell sets them once its socket is bound."""
+        return self._candidates
+
+    @candidates.setter
+    def candidates(self, value: Sequence[disco.AddrPort]) -> None:
+        value = tuple(value)
+        if len(value) > disco.MAX_ENDPOINTS:
+            raise ValueError(f"at most {disco.MAX_ENDPOINTS} candidates")
+        for ep in value:
+            disco.encode_addr(ep)  # raises DiscoError (a ValueError) for a bad port
+        self._candidates = value
 
     # ---- allocation (signalling over DERP) ---------------------------------------------------
 
