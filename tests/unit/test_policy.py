@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 from hypothesis import given, settings
@@ -28,21 +28,28 @@ from relaymesh.control.policy import (
     PolicyNode,
 )
 
+
+def node(
+    nid: int, name: str, user: str, tags: tuple[str, ...], v4: str, v6: str | None
+) -> PolicyNode:
+    return PolicyNode(nid, name, user, tags, IPv4Address(v4), IPv6Address(v6) if v6 else None)
+
+
 # A small tailnet: two users' laptops, a tagged server, a tagged relay, a database.
-ALICE_LAPTOP = PolicyNode(
+ALICE_LAPTOP = node(
     1, "alice-laptop", "alice@example.com", (), "100.64.0.1", "fd7a:115c:a1e0::6440:1"
 )
-ALICE_PHONE = PolicyNode(
+ALICE_PHONE = node(
     2, "alice-phone", "alice@example.com", (), "100.64.0.2", "fd7a:115c:a1e0::6440:2"
 )
-BOB_LAPTOP = PolicyNode(3, "bob-laptop", "bob", (), "100.64.0.3", "fd7a:115c:a1e0::6440:3")
-SERVER = PolicyNode(
+BOB_LAPTOP = node(3, "bob-laptop", "bob", (), "100.64.0.3", "fd7a:115c:a1e0::6440:3")
+SERVER = node(
     4, "web", "alice@example.com", ("tag:server",), "100.64.0.4", "fd7a:115c:a1e0::6440:4"
 )
-RELAY = PolicyNode(
+RELAY = node(
     5, "relay", "carol@example.com", ("tag:relay",), "100.64.0.5", "fd7a:115c:a1e0::6440:5"
 )
-DB = PolicyNode(6, "db", "dave@example.com", (), "100.64.0.10", None)
+DB = node(6, "db", "dave@example.com", (), "100.64.0.10", None)
 NODES = [ALICE_LAPTOP, ALICE_PHONE, BOB_LAPTOP, SERVER, RELAY, DB]
 ALL_IDS = {n.id for n in NODES}
 

@@ -297,7 +297,7 @@ class Filter:
 
 @dataclass(frozen=True)
 class PolicyNode:
-    """What the compiler needs to know about a node. Addresses may be given as text."""
+    """What the compiler needs to know about a node (text addresses are converted on creation)."""
 
     id: NodeId
     name: str
