@@ -450,3 +450,23 @@ def test_disco_ping_and_pong_through_the_relay() -> None:
     back = w.srv.handle_datagram(hdr + disco.seal(pong, w.b, w.a.disco_public()), B_ADDR, 2.1)
     assert [addr for _, addr in back] == [A_ADDR]
     assert disco.open_sealed(back[0][0][relay.HEADER_LEN :], w.a)[1] == pong
+
+
+def test_expire_sweeps_idle_bound_sessions() -> None:
+    w, _ = bound_pair()  # bound at t=1, then silence
+    assert w.srv.expire(301.0) == 0
+    assert w.srv.expire(301.5) == 1
+    assert w.srv.metrics().sessions_by_state == {"allocated": 0, "half_bound": 0, "bound": 0}
+
+
+def test_rate_limit_is_per_client_across_its_sessions() -> None:
+    limits = RelayLimits(packets_per_second=1.0, packet_burst=3.0)
+    w, ep = bound_pair(limits)
+    c = PrivateKey.generate()
+    ep2 = allocate(w.srv, w.a, c, 0.0)
+    a2: Addr = ("127.0.0.2", 40009)
+    bind(w.srv, w.a, ep2, a2, 1.0)
+    bind(w.srv, c, ep2, ("127.0.0.8", 1), 1.0)
+    sent = [w.srv.forward(data(ep, b"x"), A_ADDR, 2.0) for _ in range(2)]
+    sent += [w.srv.forward(data(ep2, b"x"), a2, 2.0) for _ in range(2)]
+    assert sent.count(None) == 1  # A's burst of 3 covers both of its sessions together
