@@ -600,3 +600,20 @@ def test_netset_from_a_one_shot_iterator_keeps_both_families() -> None:
     ns = NetSet(ipaddress.ip_network(s) for s in ["10.0.0.0/8", "fd00::/8"])
     assert "10.1.1.1" in ns and "fd00::1" in ns
     assert "11.0.0.1" not in ns and "fe80::1" not in ns
+
+
+def test_complete_example_in_docs_is_valid_and_means_what_it_says() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "policy.md").read_text()
+    section = doc.split("## A complete example", 1)[1]
+    example = section.split("```jsonc\n", 1)[1].split("```", 1)[0]
+    policy = Policy.parse(example)
+    alice = node(1, "a", "alice@example.com", (), "100.64.0.1", None)
+    carol = node(2, "c", "carol@example.com", (), "100.64.0.2", None)
+    relay = node(3, "r", "carol@example.com", ("tag:relay",), "100.64.0.3", None)
+    c = policy.compile([alice, carol, relay])
+    assert c.relays_for(alice.id) == {relay.id} and c.relays_for(carol.id) == {relay.id}
+    assert c.may_relay(relay.id, alice.id, carol.id)
+    assert not c.filter_for(relay.id).allows("100.64.0.1", "100.64.0.3", PROTO_TCP, 22)
+    assert c.filter_for(relay.id).allows("100.64.0.2", "100.64.0.3", PROTO_TCP, 22)
