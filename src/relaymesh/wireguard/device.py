@@ -52,6 +52,8 @@ _HDR = struct.Struct("<IIQ")  # transport header: type word (4), receiver index,
 _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 32 zero bits, 64-bit LE counter
 _PADS = [bytes(i) for i in range(16)]  # zero padding up to the next multiple of 16 (§5.4.6)
 _TYPE_DATA = m.MESSAGE_TRANSPORT
+_DATA_MIN = m.TRANSPORT_MIN_SIZE
+_ROUTE_CACHE_MAX = 4096  # remembered destinations/sources per family; cleared when full
 
 
 @dataclass(slots=True)
@@ -66,13 +68,13 @@ class Keypair:
     """One session's transport keys and counters."""
 
     __slots__ = (
-        "created", "is_initiator", "local_index", "peer", "recv", "remote_index", "replay",
-        "send", "send_counter",
+        "created", "fast_count", "fast_until", "is_initiator", "local_index", "peer", "recv",
+        "recv_until", "remote_index", "replay", "send", "send_counter",
     )
 
     def __init__(
         self, peer: Peer, send_key: bytes, recv_key: bytes, is_initiator: bool,
-        local_index: int, remote_index: int, created: float, reject_after_messages: int,
+        local_index: int, remote_index: int, created: float, timers: Timers,
     ) -> None:
         self.peer = peer
         self.send = ChaCha20Poly1305(send_key)  # reused for every packet: no per-packet key setup
@@ -82,7 +84,13 @@ class Keypair:
         self.remote_index = remote_index
         self.created = created
         self.send_counter = 0
-        self.replay = ReplayWindow(reject_after_messages)
+        self.replay = ReplayWindow(timers.reject_after_messages)
+        # Precomputed so the hot path makes one comparison of each kind: below both limits the
+        # keypair is valid and needs no rekey (only initiators rekey on time, whitepaper §6.2).
+        self.recv_until = created + timers.reject_after_time
+        rekey_at = created + timers.rekey_after_time if is_initiator else float("inf")
+        self.fast_until = min(self.recv_until, rekey_at)
+        self.fast_count = min(timers.reject_after_messages, timers.rekey_after_messages)
 
 
 class Peer:
@@ -169,6 +177,13 @@ class Device:
         self.peers: dict[bytes, Peer] = {}
         self.drops: collections.Counter[str] = collections.Counter()
         self._routes: AllowedIPs[Peer] = AllowedIPs()
+        # route caches: address -> peer, cleared on every peer/allowed-IPs change
+        self._dst4: dict[int, Peer] = {}
+        self._dst6: dict[int, Peer] = {}
+        self._src4: dict[bytes, Peer] = {}
+        self._src6: dict[bytes, Peer] = {}
+        t = self.timers
+        self._last_minute = t.keepalive_timeout + t.rekey_timeout  # §6.2 receive-side rekey
         self._index: dict[int, Keypair | Peer] = {}
         self._checker = CookieChecker(self.public_key, os.urandom, self.timers.cookie_refresh_time)
         self._last_now = 0.0
@@ -209,6 +224,7 @@ class Device:
             self.peers[raw] = peer
         elif preshared_key is not None:
             peer.handshake.preshared_key = preshared_key
+        self._clear_route_caches()
         self._routes.remove_value(peer)
         for prefix in prefixes:
             old = self._routes.insert(prefix, peer)
@@ -230,9 +246,16 @@ class Device:
         if peer is None:
             return
         self._zero_keys(peer)
+        self._clear_route_caches()
         self._routes.remove_value(peer)
         peer.allowed_ips = []
         peer.staged.clear()
+
+    def _clear_route_caches(self) -> None:
+        self._dst4.clear()
+        self._dst6.clear()
+        self._src4.clear()
+        self._src6.clear()
 
     def peer(self, public_key: PublicKey | bytes) -> Peer | None:
         return self.peers.get(_raw_key(public_key))
@@ -248,48 +271,75 @@ class Device:
         self._last_now = now
         n = len(ip_packet)
         if n >= 20 and ip_packet[0] >> 4 == 4:
-            peer = self._routes.v4.lookup(int.from_bytes(ip_packet[16:20], "big"))
+            addr = int.from_bytes(ip_packet[16:20], "big")
+            peer = self._dst4.get(addr)
+            if peer is None:
+                peer = self._route_miss(self._dst4, self._routes.v4.lookup, addr)
         elif n >= 40 and ip_packet[0] >> 4 == 6:
-            peer = self._routes.v6.lookup(int.from_bytes(ip_packet[24:40], "big"))
+            addr = int.from_bytes(ip_packet[24:40], "big")
+            peer = self._dst6.get(addr)
+            if peer is None:
+                peer = self._route_miss(self._dst6, self._routes.v6.lookup, addr)
         else:
             self.drops["bad_outbound_packet"] += 1
             return []
         if peer is None:
             self.drops["no_route"] += 1
             return []
-        endpoint = peer.endpoint
-        if endpoint is None:
-            self.drops["no_endpoint"] += 1
-            return []
         kp = peer.current
-        t = self.timers
+        endpoint = peer.endpoint
         if (
             kp is None
-            or kp.send_counter >= t.reject_after_messages
-            or now - kp.created >= t.reject_after_time
+            or endpoint is None
+            or now >= kp.fast_until
+            or kp.send_counter >= kp.fast_count
         ):
-            peer.staged.append(bytes(ip_packet))
-            return self._initiate(peer, now)
-        # --- hot path: encrypt with the current keypair
+            return self._send_slow(peer, ip_packet, now)
+        # --- hot path: valid current keypair, no rekey due
         counter = kp.send_counter
         kp.send_counter = counter + 1
         pad = -n & 15
-        if pad and self.mtu and n + pad > self.mtu:
-            pad = max(0, self.mtu - n)
-        plain = bytes(ip_packet) + _PADS[pad] if pad else ip_packet
+        if pad:
+            if self.mtu and n + pad > self.mtu:
+                pad = max(0, self.mtu - n)
+            ip_packet = b"".join((ip_packet, _PADS[pad]))
         data = _HDR.pack(_TYPE_DATA, kp.remote_index, counter) + kp.send.encrypt(
-            _NONCE.pack(counter), plain, None
+            _NONCE.pack(counter), ip_packet, None
         )
         peer.tx_bytes += len(data)
-        out = [Transmit(endpoint, data)]
         # timers: any authenticated packet sent/traversal, data sent
         peer.keepalive_at = None
         if peer.persistent_keepalive:
             peer.persistent_at = now + peer.persistent_keepalive
         if peer.new_handshake_at is None:
+            t = self.timers
             peer.new_handshake_at = now + t.keepalive_timeout + t.rekey_timeout + self._jitter()
+        return [Transmit(endpoint, data)]
+
+    def _route_miss(
+        self, cache: dict[int, Peer], lookup: Callable[[int], Peer | None], addr: int
+    ) -> Peer | None:
+        """Longest-prefix lookup, remembered per destination (cleared on any peer change)."""
+        peer = lookup(addr)
+        if peer is not None:
+            if len(cache) >= _ROUTE_CACHE_MAX:
+                cache.clear()
+            cache[addr] = peer
+        return peer
+
+    def _send_slow(self, peer: Peer, ip_packet: bytes | memoryview, now: float) -> list[Transmit]:
+        """send_packet when the current keypair is missing, expired, or due for a rekey."""
+        if peer.endpoint is None:
+            self.drops["no_endpoint"] += 1
+            return []
+        kp = peer.current
+        if kp is None or not self._usable(kp, now):
+            peer.staged.append(bytes(ip_packet))
+            return self._initiate(peer, now)
+        out = [self._encrypt(peer, kp, bytes(ip_packet), now)]
+        t = self.timers
         # keep key fresh (sending side, whitepaper §6.2)
-        if counter + 1 > t.rekey_after_messages or (
+        if kp.send_counter > t.rekey_after_messages or (
             kp.is_initiator and now - kp.created >= t.rekey_after_time
         ):
             out.extend(self._initiate(peer, now))
@@ -312,25 +362,19 @@ class Device:
         """Handle one UDP datagram; never raises for anything the remote side controls."""
         self._last_now = now
         n = len(datagram)
-        if n < 4:
-            return self._drop("malformed")
-        mtype = datagram[0]
-        if datagram[1] or datagram[2] or datagram[3]:
-            return self._drop("malformed")
         try:
-            if mtype == _TYPE_DATA:
-                return self._receive_data(datagram, n, source, now)
-            if mtype == m.MESSAGE_INITIATION:
-                if n != m.INITIATION_SIZE:
-                    return self._drop("malformed")
+            if n >= _DATA_MIN:
+                word, idx, counter = _HDR.unpack_from(datagram)
+                if word == _TYPE_DATA:  # type 4 and three zero reserved bytes
+                    return self._receive_data(datagram, n, idx, counter, source, now)
+            if n < 4 or datagram[1] or datagram[2] or datagram[3]:
+                return self._drop("malformed")
+            mtype = datagram[0]
+            if mtype == m.MESSAGE_INITIATION and n == m.INITIATION_SIZE:
                 return self._receive_initiation(bytes(datagram), source, now)
-            if mtype == m.MESSAGE_RESPONSE:
-                if n != m.RESPONSE_SIZE:
-                    return self._drop("malformed")
+            if mtype == m.MESSAGE_RESPONSE and n == m.RESPONSE_SIZE:
                 return self._receive_response(bytes(datagram), source, now)
-            if mtype == m.MESSAGE_COOKIE_REPLY:
-                if n != m.COOKIE_REPLY_SIZE:
-                    return self._drop("malformed")
+            if mtype == m.MESSAGE_COOKIE_REPLY and n == m.COOKIE_REPLY_SIZE:
                 return self._receive_cookie_reply(bytes(datagram), now)
         except Exception:  # a bug must not let remote input kill the receive loop
             return self._drop("internal_error")
@@ -343,19 +387,15 @@ class Device:
         return Received(out if out is not None else [], [], peer)
 
     def _receive_data(
-        self, d: bytes | memoryview, n: int, source: Endpoint, now: float
+        self, d: bytes | memoryview, n: int, idx: int, counter: int, source: Endpoint, now: float
     ) -> Received:
-        if n < m.TRANSPORT_MIN_SIZE:
-            return self._drop("malformed")
-        _, idx, counter = _HDR.unpack_from(d)
         kp = self._index.get(idx)
         if type(kp) is not Keypair:
             return self._drop("unknown_index")
-        t = self.timers
-        if counter >= t.reject_after_messages or now - kp.created >= t.reject_after_time:
+        if now >= kp.recv_until or counter >= self.timers.reject_after_messages:
             return self._drop("expired_keypair")
         try:
-            plain = kp.recv.decrypt(_NONCE.pack(counter), memoryview(d)[16:], None)
+            plain = kp.recv.decrypt(_NONCE.pack(counter), d[16:], None)
         except InvalidTag:
             return self._drop("bad_auth")
         if not kp.replay.check_and_update(counter):
@@ -375,9 +415,9 @@ class Device:
         # REJECT_AFTER_TIME if it has not yet done so because it had nothing to send
         if (
             kp.is_initiator
-            and kp is peer.current
             and not peer.sent_last_minute_handshake
-            and now - kp.created >= t.reject_after_time - t.keepalive_timeout - t.rekey_timeout
+            and now >= kp.recv_until - self._last_minute
+            and kp is peer.current
         ):
             peer.sent_last_minute_handshake = True
             out.extend(self._initiate(peer, now))
@@ -385,24 +425,37 @@ class Device:
             return Received(out, [], peer)  # keepalive
         # data received
         if peer.keepalive_at is None:
-            peer.keepalive_at = now + t.keepalive_timeout
+            peer.keepalive_at = now + self.timers.keepalive_timeout
         else:
             peer.need_another_keepalive = True
         ln = len(plain)
         version = plain[0] >> 4
         if version == 4 and ln >= 20:
             total = int.from_bytes(plain[2:4], "big")
-            src = plain[12:16]
+            src_peer = self._src4.get(plain[12:16])
+            if src_peer is None:
+                src_peer = self._routes.lookup(plain[12:16])
+                if src_peer is not None:
+                    self._cache_src(self._src4, plain[12:16], src_peer)
         elif version == 6 and ln >= 40:
             total = 40 + int.from_bytes(plain[4:6], "big")
-            src = plain[8:24]
+            src_peer = self._src6.get(plain[8:24])
+            if src_peer is None:
+                src_peer = self._routes.lookup(plain[8:24])
+                if src_peer is not None:
+                    self._cache_src(self._src6, plain[8:24], src_peer)
         else:
             return self._drop("bad_inner_packet", peer, out)
         if total > ln or total < 20:
             return self._drop("bad_inner_packet", peer, out)
-        if self._routes.lookup(src) is not peer:
+        if src_peer is not peer:
             return self._drop("bad_source", peer, out)
         return Received(out, [plain if total == ln else plain[:total]], peer)
+
+    def _cache_src(self, cache: dict[bytes, Peer], src: bytes, peer: Peer) -> None:
+        if len(cache) >= _ROUTE_CACHE_MAX:
+            cache.clear()
+        cache[src] = peer
 
     def _under_load_reply(self, d: bytes, source: Endpoint, now: float) -> Received | None:
         """mac1 and (under load) mac2 checks shared by initiation and response."""
@@ -439,8 +492,7 @@ class Device:
         remote_index = hs.remote_index
         send_key, recv_key, _ = noise.derive_transport_keys(hs)
         hs.local_index = None
-        kp = Keypair(peer, send_key, recv_key, False, idx, remote_index, now,
-                     self.timers.reject_after_messages)
+        kp = Keypair(peer, send_key, recv_key, False, idx, remote_index, now, self.timers)
         self._index[idx] = kp
         # responder: the new keypair waits in `next` until the initiator uses it
         if peer.next is not None:
@@ -475,8 +527,7 @@ class Device:
         remote_index = hs.remote_index
         send_key, recv_key, _ = noise.derive_transport_keys(hs)
         hs.local_index = None
-        kp = Keypair(peer, send_key, recv_key, True, idx, remote_index, now,
-                     self.timers.reject_after_messages)
+        kp = Keypair(peer, send_key, recv_key, True, idx, remote_index, now, self.timers)
         self._index[idx] = kp
         # initiator: the new keypair is current at once (wireguard-go BeginSymmetricSession)
         if peer.next is not None:

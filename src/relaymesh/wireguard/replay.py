@@ -28,22 +28,29 @@ class ReplayWindow:
 
     def check_and_update(self, counter: int) -> bool:
         """True (and remember it) if ``counter`` is fresh; False for a replay or a too-old one."""
-        if counter >= self._limit:
-            return False
-        ring = self._ring
-        block = counter >> 6
         last = self.last
         if counter > last:
+            # Moving forward (the common case). A counter above the greatest one accepted cannot
+            # have been seen: its block is either the current one (bits above `last` are clear)
+            # or one of the blocks cleared here.
+            if counter >= self._limit:
+                return False
+            ring = self._ring
+            block = counter >> 6
             current = last >> 6
-            diff = block - current
-            if diff > RING_BLOCKS:
-                diff = RING_BLOCKS
-            for i in range(current + 1, current + diff + 1):
-                ring[i & _RING_MASK] = 0
+            if block != current:
+                diff = block - current
+                if diff > RING_BLOCKS:
+                    diff = RING_BLOCKS
+                for i in range(current + 1, current + diff + 1):
+                    ring[i & _RING_MASK] = 0
             self.last = counter
-        elif last - counter > WINDOW_SIZE:
+            ring[block & _RING_MASK] |= 1 << (counter & 63)
+            return True
+        if last - counter > WINDOW_SIZE:
             return False
-        idx = block & _RING_MASK
+        ring = self._ring
+        idx = (counter >> 6) & _RING_MASK
         bit = 1 << (counter & 63)
         word = ring[idx]
         if word & bit:
