@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relaymesh.control.hujson import MAX_DEPTH, HuJSONError, Pos, parse, parse_document
+
+FUZZ = int(os.environ.get("RELAYMESH_FUZZ_EXAMPLES", "300"))
 
 
 def test_plain_json_values() -> None:
@@ -146,9 +149,24 @@ def test_agrees_with_json_on_json_documents(value: Any) -> None:
         assert parse(text) == json.loads(text)
 
 
-@given(st.text(max_size=40))
-def test_arbitrary_text_parses_or_raises_hujsonerror(text: str) -> None:
+@settings(max_examples=FUZZ)
+@given(st.text(max_size=60))
+def test_fuzz_arbitrary_text_parses_or_raises_hujsonerror(text: str) -> None:
     try:
         parse(text)
+    except HuJSONError as e:
+        assert 1 <= e.line <= text.count("\n") + 1
+        assert e.column >= 1
+
+
+@settings(max_examples=FUZZ)
+@given(json_values, st.data())
+def test_fuzz_mutated_documents_parse_or_raise_hujsonerror(value: Any, data: st.DataObject) -> None:
+    text = json.dumps(value, indent=1)
+    pos = data.draw(st.integers(min_value=0, max_value=len(text)))
+    junk = data.draw(st.sampled_from(["//", "/*", "*/", ",", "\\", '"', "\n", "]", "}", "\\u12"]))
+    mutated = text[:pos] + junk + text[pos:]
+    try:
+        parse(mutated)
     except HuJSONError as e:
         assert e.line >= 1 and e.column >= 1

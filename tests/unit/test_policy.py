@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
@@ -617,3 +618,92 @@ def test_complete_example_in_docs_is_valid_and_means_what_it_says() -> None:
     assert c.may_relay(relay.id, alice.id, carol.id)
     assert not c.filter_for(relay.id).allows("100.64.0.1", "100.64.0.3", PROTO_TCP, 22)
     assert c.filter_for(relay.id).allows("100.64.0.2", "100.64.0.3", PROTO_TCP, 22)
+
+
+FUZZ = int(os.environ.get("RELAYMESH_FUZZ_EXAMPLES", "300"))
+
+_words = st.sampled_from(
+    [
+        "*",
+        "*:*",
+        "alice@example.com",
+        "bob@",
+        "group:eng",
+        "group:nope",
+        "tag:server",
+        "tag:ghost",
+        "autogroup:member",
+        "autogroup:self",
+        "autogroup:tagged",
+        "db",
+        "nohost",
+        "100.64.0.1",
+        "10.0.0.0/8",
+        "fd7a::/48",
+        "tag:server:22",
+        "db:80-90",
+        "*:1,2,3",
+        "tcp:443",
+        "icmp",
+        "443",
+        "udp:*",
+        "x:99999",
+        "accept",
+        "deny",
+        "tcp",
+        "",
+        ":",
+        "relaymesh.dev/cap/relay",
+    ]
+)
+_scalars = _words | st.integers(-5, 70000) | st.booleans() | st.none()
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "action",
+                    "src",
+                    "dst",
+                    "proto",
+                    "ip",
+                    "app",
+                    "accept",
+                    "deny",
+                    "relaymesh.dev/cap/relay",
+                ]
+            )
+            | _words,
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+_policies = st.fixed_dictionaries(
+    {},
+    optional={
+        "groups": st.dictionaries(st.sampled_from(["group:eng", "eng"]), _values, max_size=2),
+        "tagOwners": st.dictionaries(
+            st.sampled_from(["tag:server", "tag:x", "x"]), _values, max_size=2
+        ),
+        "hosts": st.dictionaries(st.sampled_from(["db", "bad name"]), _values, max_size=2),
+        "acls": st.lists(_values, max_size=3),
+        "grants": st.lists(_values, max_size=3),
+        "tests": st.lists(_values, max_size=2),
+    },
+)
+
+
+@settings(max_examples=FUZZ, deadline=None)
+@given(_policies)
+def test_fuzz_policy_parse_raises_only_policy_error(doc: dict[str, object]) -> None:
+    """Whatever the structure, loading either succeeds (and compiles) or raises PolicyError."""
+    try:
+        policy = Policy.parse(json.dumps(doc))
+    except PolicyError as e:
+        assert e.line >= 1 and e.column >= 1
+        return
+    policy.compile(NODES)
