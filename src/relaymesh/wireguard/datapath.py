@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -55,6 +57,13 @@ UNDER_LOAD_INITIATIONS = 64  # initiations per LOAD_WINDOW that mean "under load
 LOAD_WINDOW = 1.0  # s; also how long "under load" lasts after the last busy window, as
 #   wireguard-go's UnderLoadAfterTime
 V4_MAPPED = "::ffff:"  # IPv4-mapped IPv6 prefix used by a dual-stack socket (RFC 4291 2.5.5.2)
+SOL_UDP = 17  # <netinet/in.h> IPPROTO_UDP as a socket option level
+UDP_SEGMENT = 103  # <linux/udp.h>: GSO segment size for sendmsg (Linux 4.18)
+UDP_GRO = 104  # <linux/udp.h>: receive coalesced datagrams + their segment size (Linux 5.0)
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS in older kernels (newer allow 128)
+GSO_MAX_BYTES = 65000  # one GSO send must stay below the 64 KiB IP/UDP length limit
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)  # the UDP_GRO cmsg carries an int
+_GSO_UNSUPPORTED = (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 T = TypeVar("T")
 
@@ -136,6 +145,16 @@ def open_udp_socket(port: int = 0, host: str = "") -> socket.socket:
     return sock
 
 
+def _try_udp_option(sock: socket.socket, option: int, value: int) -> bool:
+    if sock.type != socket.SOCK_DGRAM:
+        return False
+    try:
+        sock.setsockopt(SOL_UDP, option, value)
+    except OSError:
+        return False
+    return True
+
+
 class Datapath:
     """Runs a device between a TUN and a UDP socket until :meth:`stop`."""
 
@@ -147,6 +166,7 @@ class Datapath:
         *,
         threads: int = 2,
         clock: Callable[[], float] = time.monotonic,
+        offload: bool = True,
         divert: Callable[[bytes, tuple[str, int]], bool] | None = None,
         inbound_filter: Callable[[bytes, Any], bool] | None = None,
     ) -> None:
@@ -165,6 +185,9 @@ class Datapath:
         self.inbound_filter = inbound_filter
         self.lock = threading.Lock()
         self.counters = Counters()
+        # UDP GSO/GRO (see _send_gso/_drain_udp): fewer syscalls per packet, where available
+        self._gso = offload and _try_udp_option(sock, UDP_SEGMENT, 0)
+        self._gro = offload and _try_udp_option(sock, UDP_GRO, 1)
         self._v6 = sock.family == socket.AF_INET6
         self._ep_out: dict[Hashable, Any] = {}  # endpoint -> sockaddr
         self._ep_in: dict[Any, tuple[str, int]] = {}  # sockaddr -> endpoint
@@ -243,6 +266,11 @@ class Datapath:
                             "cookies", self._load_initiations, LOAD_WINDOW)
             self._load_until = now + LOAD_WINDOW
 
+    @property
+    def offloads(self) -> dict[str, bool]:
+        """Which UDP offloads are in use (for logs and benchmarks)."""
+        return {"gso": self._gso, "gro": self._gro}
+
     def stats(self) -> dict[str, int]:
         """Datapath counters plus the core's drop reasons (prefixed ``core_drop_``)."""
         d = self.counters.as_dict()
@@ -295,6 +323,9 @@ class Datapath:
             log.warning("datapath: %s (%d so far): %s: %s", reason, n, type(e).__name__, e)
 
     def _send_all(self, transmits: Sequence[TransmitLike], c: Counters) -> None:
+        if self._gso and len(transmits) > 1:
+            self._send_gso(transmits, c)
+            return
         sendto = self.sock.sendto
         for tx in transmits:
             try:
@@ -304,6 +335,46 @@ class Datapath:
                 continue
             c.udp_tx_packets += 1
             c.udp_tx_bytes += n
+
+    def _send_gso(self, transmits: Sequence[TransmitLike], c: Counters) -> None:
+        """UDP GSO: a run of datagrams to one endpoint, all of one size (the last may be shorter),
+        leaves in ONE sendmsg with a UDP_SEGMENT cmsg; the kernel cuts it into datagrams. During
+        bulk transfer nearly every datagram is full-size, so this removes most send syscalls."""
+        sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
+        i, count = 0, len(transmits)
+        while i < count:
+            first = transmits[i]
+            ep, size = first.endpoint, len(first.data)
+            limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size) if size else 1
+            j = i + 1
+            while j < count and j - i < limit:
+                t = transmits[j]
+                ln = len(t.data)
+                if ln > size or (t.endpoint is not ep and t.endpoint != ep):
+                    break
+                j += 1
+                if ln < size:
+                    break  # a shorter datagram can only end a run
+            try:
+                sa = self._sockaddr(ep)
+                if j - i == 1:
+                    n = sendto(first.data, sa)
+                else:
+                    seg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+                    n = sendmsg([b"".join([t.data for t in transmits[i:j]])], seg, 0, sa)
+            except (OSError, ValueError, TypeError) as e:
+                if j - i > 1 and isinstance(e, OSError) and e.errno in _GSO_UNSUPPORTED:
+                    # the path cannot do GSO after all: plain sends from now on
+                    log.info("UDP GSO send failed (%s); disabling it", e)
+                    self._gso = False
+                    self._send_all(transmits[i:], c)
+                    return
+                self._count_error("udp_send_error", e)
+                i = j
+                continue
+            c.udp_tx_packets += j - i
+            c.udp_tx_bytes += n
+            i = j
 
     def _drain_tun(self) -> int:
         """Read up to BATCH packets from TUN, encrypt them under one lock hold, send them."""
@@ -335,12 +406,27 @@ class Datapath:
         return len(pkts)
 
     def _drain_udp(self, bufs: list[bytearray], views: list[memoryview]) -> int:
-        """Receive up to BATCH datagrams, decrypt under one lock hold, write packets to TUN."""
-        recv_into = self.sock.recvfrom_into
-        got: list[tuple[int, Any]] = []
+        """Receive up to BATCH datagrams, decrypt under one lock hold, write packets to TUN.
+
+        With UDP GRO one receive may return several datagrams of ``seg`` bytes back to back (the
+        last may be shorter); they are handed to the core one by one as memoryview slices.
+        """
+        got: list[tuple[int, Any, int]] = []  # (bytes, source, segment size)
         try:
-            for buf in bufs:
-                got.append(recv_into(buf, RECV_BUFSIZE, socket.MSG_DONTWAIT))
+            if self._gro:
+                recvmsg_into, anc_size = self.sock.recvmsg_into, GRO_CMSG_SPACE
+                for buf in bufs:
+                    n, anc, _, addr = recvmsg_into([buf], anc_size, socket.MSG_DONTWAIT)
+                    seg = n
+                    for level, kind, data in anc:
+                        if level == SOL_UDP and kind == UDP_GRO:
+                            seg = int.from_bytes(data, sys.byteorder) or n
+                    got.append((n, addr, seg))
+            else:
+                recv_into = self.sock.recvfrom_into
+                for buf in bufs:
+                    n, addr = recv_into(buf, RECV_BUFSIZE, socket.MSG_DONTWAIT)
+                    got.append((n, addr, n))
         except BlockingIOError:
             pass
         except OSError as e:
@@ -353,44 +439,55 @@ class Datapath:
         to_tun: list[bytes] = []
         out: list[TransmitLike] = []
         nbytes = 0
+        ndgrams = 0
         divert = self.divert
         flt = self.inbound_filter
         with self.lock:
             now = self.clock()
-            for i, (n, addr) in enumerate(got):
-                nbytes += n
-                if divert is not None and not 1 <= views[i][0] <= 4:
-                    try:
-                        if divert(bytes(views[i][:n]), endpoint(addr)):
-                            continue
-                    except Exception as e:
-                        self._count_error("divert_error", e)
-                        continue
-                if n == INITIATION_SIZE and views[i][0] == INITIATION_TYPE:
-                    self._note_initiations(1, now)  # before the core asks under_load()
-                try:
-                    r = dev.receive(views[i][:n], endpoint(addr), now)
-                except Exception as e:
-                    self._count_error("core_receive_error", e)
+            for i, (total, addr, seg) in enumerate(got):
+                nbytes += total
+                if total == 0:
+                    c.drops["empty_datagram"] += 1
                     continue
-                if r.packets:
-                    if flt is None:
-                        to_tun.extend(r.packets)
-                    else:
-                        peer = getattr(r, "peer", None)
-                        for p in r.packets:
-                            try:
-                                ok = flt(p, peer)
-                            except Exception as e:
-                                self._count_error("filter_error", e)
-                                ok = False
-                            if ok:
-                                to_tun.append(p)
-                            else:
-                                c.drops["filtered"] += 1
-                if r.transmits:
-                    out.extend(r.transmits)
-        c.udp_rx_packets += len(got)
+                source = endpoint(addr)
+                view = views[i]
+                for off in range(0, total, seg):
+                    end = off + seg
+                    d = view[off : end if end < total else total]
+                    n = len(d)
+                    ndgrams += 1
+                    if divert is not None and not 1 <= d[0] <= 4:
+                        try:
+                            if divert(bytes(d), source):
+                                continue
+                        except Exception as e:
+                            self._count_error("divert_error", e)
+                            continue
+                    if n == INITIATION_SIZE and d[0] == INITIATION_TYPE:
+                        self._note_initiations(1, now)  # before the core asks under_load()
+                    try:
+                        r = dev.receive(d, source, now)
+                    except Exception as e:
+                        self._count_error("core_receive_error", e)
+                        continue
+                    if r.packets:
+                        if flt is None:
+                            to_tun.extend(r.packets)
+                        else:
+                            peer = getattr(r, "peer", None)
+                            for p in r.packets:
+                                try:
+                                    ok = flt(p, peer)
+                                except Exception as e:
+                                    self._count_error("filter_error", e)
+                                    ok = False
+                                if ok:
+                                    to_tun.append(p)
+                                else:
+                                    c.drops["filtered"] += 1
+                    if r.transmits:
+                        out.extend(r.transmits)
+        c.udp_rx_packets += ndgrams
         c.udp_rx_bytes += nbytes
         fd = self.tun.fileno()
         write = os.write
