@@ -52,6 +52,16 @@ def icmp_echo(src: str, dst: str, seq: int = 1, payload: bytes = b"relaymesh") -
     return ipv4_packet(src, dst, bytes(icmp), proto=1)
 
 
+def icmp6_echo(src: str, dst: str, seq: int = 1, payload: bytes = b"relaymesh") -> bytes:
+    """An ICMPv6 echo request with a valid checksum (over the RFC 8200 pseudo-header)."""
+    s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
+    icmp = bytearray(bytes([128, 0, 0, 0]) + (0x1234).to_bytes(2, "big") + seq.to_bytes(2, "big"))
+    icmp += payload
+    pseudo = s + d + len(icmp).to_bytes(4, "big") + bytes(3) + bytes([58])
+    icmp[2:4] = checksum(pseudo + bytes(icmp)).to_bytes(2, "big")
+    return ipv6_packet(src, dst, bytes(icmp), next_header=58)
+
+
 @dataclass
 class Node:
     name: str
