@@ -521,3 +521,50 @@ async def test_postgres_url_uses_asyncpg(pg_url: str) -> None:  # noqa: F811
             assert (await conn.execute(select(1))).scalar() == 1
     finally:
         await s.close()
+
+
+# -- more pre-auth key operations -------------------------------------------------------------
+
+
+async def test_check_preauth_key_does_not_consume(store: Store, clock: FakeClock) -> None:
+    await store.create_user("alice")
+    secret, _ = await store.create_preauth_key("alice", tags=["tag:ci"])
+    peeked = await store.check_preauth_key(secret)
+    assert peeked.tags == ("tag:ci",) and not peeked.used
+    assert (await store.check_preauth_key(secret)).user == "alice"
+    await store.use_preauth_key(secret)
+    with pytest.raises(PreauthKeyUsedError):
+        await store.check_preauth_key(secret)
+    with pytest.raises(PreauthKeyInvalidError):
+        await store.check_preauth_key("rmauth-nope")
+    other, _ = await store.create_preauth_key("alice", expires_in=timedelta(seconds=5))
+    clock.advance(timedelta(seconds=5))
+    with pytest.raises(PreauthKeyExpiredError):
+        await store.check_preauth_key(other)
+
+
+async def test_expire_preauth_key_by_secret_or_prefix(store: Store) -> None:
+    await store.create_user("alice")
+    await store.create_user("bob")
+    s1, r1 = await store.create_preauth_key("alice", reusable=True)
+    s2, r2 = await store.create_preauth_key("alice", reusable=True)
+    await store.expire_preauth_key("alice", s1)
+    with pytest.raises(PreauthKeyExpiredError):
+        await store.use_preauth_key(s1)
+    assert (await store.use_preauth_key(s2)).reusable  # the other key is untouched
+    await store.expire_preauth_key("alice", r2.prefix)
+    with pytest.raises(PreauthKeyExpiredError):
+        await store.use_preauth_key(s2)
+    with pytest.raises(NotFoundError):
+        await store.expire_preauth_key("bob", r1.prefix)  # not bob's key
+    with pytest.raises(ValueError, match="matches 2 keys"):
+        await store.expire_preauth_key("alice", "rmauth-")
+
+
+async def test_bad_tags_are_refused(store: Store) -> None:
+    await store.create_user("alice")
+    with pytest.raises(ValueError):
+        await store.create_preauth_key("alice", tags=["server"])
+    with pytest.raises(ValueError):
+        await store.register_node(**keys(), hostname="a", user="alice", tags=["tag:"])
+    assert await store.count_nodes() == 0

@@ -133,6 +133,11 @@ class PolicyError(ValueError):
 
 def _ip_key(ip: str | bytes | IPAddr) -> tuple[int, int]:
     """(version, integer value) of an address given as text, raw bytes or an ipaddress object."""
+    if type(ip) is bytes:  # the data-path form: straight from a packet header
+        if len(ip) == 4:
+            return 4, int.from_bytes(ip, "big")
+        if len(ip) == 16:
+            return 6, int.from_bytes(ip, "big")
     if isinstance(ip, bytes | bytearray | memoryview):
         raw = bytes(ip)
         if len(raw) == 4:
@@ -264,17 +269,30 @@ class Filter:
         dst_port: int | None = None,
     ) -> bool:
         """Whether a new inbound packet may pass. ``dst_port`` is ignored for portless protos."""
+        # Written as plain loops: this runs per new flow on the data path.
         candidates = self._by_proto.get(proto, self._any_proto)
         if not candidates:
             return False
-        src = _ip_key(src_ip)
-        dst = _ip_key(dst_ip)
-        if src[0] != dst[0]:
+        version, src = _ip_key(src_ip)
+        dst_version, dst = _ip_key(dst_ip)
+        if version != dst_version:
             return False
-        port = 0 if dst_port is None else dst_port
-        if proto in PORT_PROTOS and dst_port is None:
+        if proto in PORT_PROTOS:
+            if dst_port is None:
+                return False
+            for r in candidates:
+                for lo, hi in r.ports:
+                    if lo <= dst_port <= hi:
+                        break
+                else:
+                    continue
+                if r.dst.contains_key(version, dst) and r.src.contains_key(version, src):
+                    return True
             return False
-        return any(r.matches(src, dst, proto, port) for r in candidates)
+        for r in candidates:
+            if r.dst.contains_key(version, dst) and r.src.contains_key(version, src):
+                return True
+        return False
 
     def to_json(self) -> list[dict[str, Any]]:
         return [r.to_json() for r in self.rules]

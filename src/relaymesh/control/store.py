@@ -38,6 +38,7 @@ from sqlalchemy.pool import StaticPool
 from relaymesh.control.addresses import AddressPool
 from relaymesh.control.migrations import MIGRATIONS, Migration, run_migrations
 from relaymesh.control.models import (
+    KEY_PREFIX_LEN,
     NAME_LEN,
     NodeRecord,
     NodeRow,
@@ -127,6 +128,12 @@ def dns_label(hostname: str) -> str:
     label = _LABEL_BAD.sub("-", hostname.strip().lower().split(".")[0])
     label = re.sub(r"-{2,}", "-", label).strip("-")
     return label[:NAME_LEN].rstrip("-") or "node"
+
+
+def _check_tags(tags: Iterable[str]) -> None:
+    for t in tags:
+        if not t.startswith("tag:") or len(t) <= len("tag:"):
+            raise ValueError(f"bad tag {t!r} (expected 'tag:<name>')")
 
 
 def _hash_key(key: str) -> str:
@@ -248,6 +255,8 @@ class Store:
 
         ``expires_in`` of None makes a key that never expires.
         """
+        tag_list = sorted(set(tags))
+        _check_tags(tag_list)
         key = PREAUTH_KEY_PREFIX + secrets.token_hex(PREAUTH_KEY_BYTES)
         now = self.now()
         async with self._sessions() as s:
@@ -258,7 +267,7 @@ class Store:
                 user_id=u.id,
                 reusable=reusable,
                 ephemeral=ephemeral,
-                tags=sorted(set(tags)),
+                tags=tag_list,
                 expires_at=None if expires_in is None else now + expires_in,
                 used=False,
                 created_at=now,
@@ -275,8 +284,8 @@ class Store:
                 q = q.where(PreauthKeyRow.user_id == (await self._user_row(s, user)).id)
             return [PreauthKeyRecord.from_row(r) for r in (await s.execute(q)).scalars().all()]
 
-    async def _consume_key(self, s: AsyncSession, key: str) -> PreauthKeyRow:
-        """Check and consume ``key`` inside session ``s`` (the caller commits)."""
+    async def _usable_key(self, s: AsyncSession, key: str) -> PreauthKeyRow:
+        """The row of ``key`` if it can be used now; raise the specific error otherwise."""
         row = (
             await s.execute(select(PreauthKeyRow).where(PreauthKeyRow.key_hash == _hash_key(key)))
         ).scalar_one_or_none()
@@ -286,11 +295,16 @@ class Store:
             raise PreauthKeyExpiredError(
                 f"pre-auth key {row.prefix}... expired at {row.expires_at}"
             )
+        if row.used and not row.reusable:
+            raise PreauthKeyUsedError(f"one-off pre-auth key {row.prefix}... was already used")
+        return row
+
+    async def _consume_key(self, s: AsyncSession, key: str) -> PreauthKeyRow:
+        """Check and consume ``key`` inside session ``s`` (the caller commits)."""
+        row = await self._usable_key(s, key)
         if row.reusable:
             row.used = True
             return row
-        if row.used:
-            raise PreauthKeyUsedError(f"one-off pre-auth key {row.prefix}... was already used")
         # Conditional update: of two concurrent consumers (maybe on two replicas) one wins.
         result = await s.execute(
             update(PreauthKeyRow)
@@ -302,6 +316,37 @@ class Store:
             raise PreauthKeyUsedError(f"one-off pre-auth key {row.prefix}... was already used")
         await s.refresh(row)
         return row
+
+    async def check_preauth_key(self, key: str) -> PreauthKeyRecord:
+        """Like :meth:`use_preauth_key` (same errors) but without consuming the key.
+
+        For checks before registering, e.g. whether the requested tags are allowed. Consuming
+        happens in :meth:`register_node`, which re-checks, so a race between the two is harmless.
+        """
+        async with self._sessions() as s:
+            return PreauthKeyRecord.from_row(await self._usable_key(s, key))
+
+    async def expire_preauth_key(self, user: str | int, key: str) -> PreauthKeyRecord:
+        """Expire one of ``user``'s keys now, named by the full secret or by its shown prefix.
+
+        Raises :class:`NotFoundError` when nothing matches, ValueError when a prefix is ambiguous.
+        """
+        async with self._sessions() as s:
+            u = await self._user_row(s, user)
+            q = select(PreauthKeyRow).where(PreauthKeyRow.user_id == u.id)
+            if len(key) > KEY_PREFIX_LEN:
+                q = q.where(PreauthKeyRow.key_hash == _hash_key(key))
+            else:
+                q = q.where(PreauthKeyRow.prefix.startswith(key, autoescape=True))
+            rows = (await s.execute(q)).scalars().all()
+            if not rows:
+                raise NotFoundError(f"no pre-auth key {key!r} for user {u.name!r}")
+            if len(rows) > 1:
+                raise ValueError(f"{key!r} matches {len(rows)} keys: give more of it")
+            row = rows[0]
+            row.expires_at = self.now()
+            await s.commit()
+            return PreauthKeyRecord.from_row(row)
 
     async def use_preauth_key(self, key: str) -> PreauthKeyRecord:
         """Validate and consume ``key``.
@@ -345,6 +390,9 @@ class Store:
         """
         if (user is None) == (preauth_key is None):
             raise ValueError("give exactly one of user or preauth_key")
+        if tags is not None:
+            tags = sorted(set(tags))
+            _check_tags(tags)
         endpoint_list = list(endpoints)
         for _attempt in range(ALLOCATION_RETRIES):
             async with self._sessions() as s:
@@ -488,9 +536,7 @@ class Store:
     async def tag_node(self, node_id: int, tags: Iterable[str]) -> NodeRecord:
         """Replace the node's tags (an empty list makes it a user-owned node again)."""
         new_tags = sorted(set(tags))
-        for t in new_tags:
-            if not t.startswith("tag:") or len(t) <= len("tag:"):
-                raise ValueError(f"bad tag {t!r} (expected 'tag:<name>')")
+        _check_tags(new_tags)
 
         def change(row: NodeRow) -> None:
             row.tags = new_tags
