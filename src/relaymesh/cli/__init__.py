@@ -15,6 +15,15 @@ import click
 SUBCOMMANDS = [
     "relaymesh.cli.wg",
     "relaymesh.cli.lab",
+    "relaymesh.cli.daemon",
+    "relaymesh.cli.up",
+    "relaymesh.cli.down",
+    "relaymesh.cli.status",
+    "relaymesh.cli.ip",
+    "relaymesh.cli.ping",
+    "relaymesh.cli.set",
+    "relaymesh.cli.get",
+    "relaymesh.cli.netcheck",
 ]
 
 

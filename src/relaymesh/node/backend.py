@@ -1,0 +1,576 @@
+"""The daemon's brain: control session, network map, engine, disco; what the local API calls.
+
+Lifecycle (``backend_state``): ``NeedsLogin`` (never registered, or the server logged us out)
+-> ``up`` registers and starts the engine and the control loop -> ``Running`` -> ``down`` stops
+both (keys and registration kept) -> ``Stopped``. ``want_running`` is persisted, so a restarted
+daemon resumes a running node by itself: the server knows its machine key, so no auth key.
+
+The control loop re-registers, reports endpoints, and holds the map stream; when the stream
+breaks it retries with exponential backoff (``BACKOFF_BASE`` doubling up to ``BACKOFF_CAP``, with
+jitter so a restarted server is not hit by every node at once). The engine is untouched meanwhile:
+the data plane keeps working on the last map while the control server is down. A refusal
+(401/403/404: node deleted or expired) is final: the node goes to ``NeedsLogin``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from relaymesh.control.policy import Filter
+from relaymesh.magicsock.pathsel import PathPolicy
+from relaymesh.magicsock.sock import MagicSock, local_endpoints
+from relaymesh.node.control import ControlClient, ControlError
+from relaymesh.node.disco import DiscoManager, PingResult, Send
+from relaymesh.node.engine import Engine, PeerStats
+from relaymesh.node.filter import InboundFilter
+from relaymesh.node.netmap import MapError, MapNode, NetMap, format_endpoint
+from relaymesh.node.state import StateDir
+from relaymesh.paths import Path
+from relaymesh.wireguard.datapath import open_udp_socket
+
+log = logging.getLogger("relaymesh.daemon")
+
+BACKOFF_BASE = 0.5  # s: first retry after a failed connection
+BACKOFF_CAP = 30.0  # s: the brief's cap
+DISCO_TICK = 0.2  # s: disco timers, activity detection and endpoint reconciliation
+ENDPOINT_REFRESH = 10.0  # s: re-read local addresses and report them when they changed
+UP_WAIT_FOR_MAP = 5.0  # s: `up` returns after the first full map or this long
+DEFAULT_PING_TIMEOUT = 5.0  # s, reference ping timeout
+
+
+class APIError(Exception):
+    """An error for the local API: HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+EngineFactory = Callable[[socket.socket, InboundFilter, Callable[[bytes, tuple[str, int]], bool]],
+                         Engine]
+
+
+class Backend:
+    def __init__(
+        self,
+        state: StateDir,
+        *,
+        port: int = 41641,
+        tun_name: str = "relaymesh0",
+        engine_factory: EngineFactory | None = None,
+        endpoints_fn: Callable[[int], list[str]] | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.st = state
+        self.port = port
+        self.tun_name = tun_name
+        self._engine_factory = engine_factory or self._real_engine
+        self._endpoints_fn = endpoints_fn or (
+            lambda p: local_endpoints(p, exclude_ifnames=[self.tun_name])
+        )
+        self.sock = sock
+        self.netmap = NetMap()
+        self.flt = InboundFilter()
+        self.engine: Engine | None = None
+        self.magic: MagicSock | None = None
+        self.disco = DiscoManager(
+            state.disco_key, state.node_key.node_public(), random_bytes=os.urandom
+        )
+        self.control_connected = False
+        self.last_error: str | None = None
+        self._client: ControlClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._first_map: asyncio.Event = asyncio.Event()
+        self._ping_waiters: dict[bytes, asyncio.Future[PingResult]] = {}
+        self._last_tx: dict[int, int] = {}
+        self._reported_endpoints: list[str] | None = None
+        self._up_lock = asyncio.Lock()
+        if not state.state.node_id:
+            self.backend_state = "NeedsLogin"
+        else:
+            self.backend_state = "Running" if state.state.want_running else "Stopped"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the UDP socket; resume the session if the node was up before a restart."""
+        loop = asyncio.get_running_loop()
+        if self.sock is None:
+            try:
+                self.sock = open_udp_socket(self.port)
+            except OSError as e:
+                raise APIError(500, f"cannot bind UDP port {self.port}: {e.strerror}") from None
+        self.port = int(self.sock.getsockname()[1])
+        self.magic = MagicSock(self.sock, loop, self._on_disco)
+        s = self.st.state
+        if s.want_running and s.node_id and s.login_server:
+            log.info("resuming as node %s (id %s) on %s", s.name, s.node_id, s.login_server)
+            self._start_engine(s.addresses)
+            self._start_session(ControlClient(s.login_server, self.st.machine_key))
+            self.backend_state = "Running"
+
+    async def close(self) -> None:
+        await self._stop_session()
+        self._stop_engine()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _real_engine(
+        self,
+        sock: socket.socket,
+        flt: InboundFilter,
+        divert: Callable[[bytes, tuple[str, int]], bool],
+    ) -> Engine:
+        from relaymesh.wireguard.netconf import NetConf
+        from relaymesh.wireguard.tun import Tun
+
+        tun = Tun(self.tun_name)
+        try:
+            net = NetConf(tun.name)
+        except Exception:
+            tun.close()
+            raise
+        return Engine(self.st.node_key, sock, tun, net, flt, divert)
+
+    def _start_engine(self, addresses: list[str]) -> None:
+        if self.engine is not None:
+            self.engine.set_addresses(addresses)
+            return
+        assert self.sock is not None and self.magic is not None
+        try:
+            eng = self._engine_factory(self.sock, self.flt, self.magic.divert)
+            eng.start(addresses)
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(500, f"cannot bring up the tunnel {self.tun_name}: {e}") from None
+        self.engine = eng
+        log.info("tunnel %s up with %s", self.tun_name, ", ".join(addresses))
+
+    def _stop_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+            log.info("tunnel %s down", self.tun_name)
+
+    def _start_session(self, client: ControlClient) -> None:
+        self._client = client
+        self._first_map = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._control_loop(client), name="control"),
+            asyncio.create_task(self._disco_loop(), name="disco"),
+        ]
+
+    async def _stop_session(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        self.control_connected = False
+
+    # -- local API ------------------------------------------------------------------------------
+
+    async def up(self, req: dict[str, Any]) -> dict[str, Any]:
+        login_server = req.get("login_server") or self.st.state.login_server
+        if not login_server:
+            raise APIError(400, "--login-server is required the first time")
+        if not str(login_server).startswith(("http://", "https://")):
+            raise APIError(400, f"login server must be an http(s) URL, got {login_server!r}")
+        auth_key = req.get("auth_key") or None
+        prefs = self.st.prefs
+        if req.get("hostname"):
+            prefs.hostname = str(req["hostname"])
+        if req.get("advertise_tags") is not None:
+            prefs.advertise_tags = [str(t) for t in req["advertise_tags"]]
+        if "relay_server_port" in req and req["relay_server_port"] is not None:
+            prefs.relay_server_port = int(req["relay_server_port"])
+        async with self._up_lock:
+            await self._stop_session()
+            client = ControlClient(str(login_server), self.st.machine_key)
+            try:
+                res = await self._register(client, auth_key)
+            except ControlError as e:
+                await client.close()
+                if self.engine is not None and self.st.state.want_running:
+                    self._start_session(ControlClient(  # keep the old session going
+                        self.st.state.login_server or str(login_server), self.st.machine_key))
+                raise APIError(401 if e.refused else 502, str(e)) from None
+            s = self.st.state
+            s.login_server = str(login_server)
+            s.want_running = True
+            self.st.save_state()
+            self.st.save_prefs()
+            self._start_engine(s.addresses)
+            self._start_session(client)
+            self.backend_state = "Running"
+            log.info("up: node %s (id %s, user %s)", s.name, s.node_id, res.get("user"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_map.wait(), UP_WAIT_FOR_MAP)
+        return self.status()
+
+    async def down(self) -> dict[str, Any]:
+        async with self._up_lock:
+            await self._stop_session()
+            self._stop_engine()
+            self.st.state.want_running = False
+            self.st.save_state()
+            self.netmap = NetMap()
+            self.disco.set_peers([], time.monotonic())
+            if self.st.state.node_id:
+                self.backend_state = "Stopped"
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        stats: dict[bytes, PeerStats] = self.engine.peer_stats() if self.engine else {}
+        me = self.netmap.self_node
+        s = self.st.state
+        peers = []
+        for n in sorted(self.netmap.peers.values(), key=lambda n: n.name):
+            ps = stats.get(n.node_key.raw)
+            path = self.disco.path(n.id, now)
+            best = self.disco.best_endpoint(n.id, now)
+            ep = best or (ps.endpoint if ps else None)
+            peers.append({
+                "id": n.id,
+                "name": n.name,
+                "addresses": n.addresses,
+                "node_key": n.node_key.to_text(),
+                "path": str(path),
+                "endpoint": format_endpoint(ep) if ep else None,
+                "tx_bytes": ps.tx_bytes if ps else 0,
+                "rx_bytes": ps.rx_bytes if ps else 0,
+                "last_handshake": ps.last_handshake if ps else None,
+                "online": n.online,
+            })
+        return {
+            "backend_state": self.backend_state,
+            "control": {
+                "login_server": s.login_server,
+                "connected": self.control_connected,
+                "last_error": self.last_error,
+            },
+            "self": {
+                "id": s.node_id,
+                "name": me.name if me else s.name,
+                "user": s.user,
+                "addresses": me.addresses if me else s.addresses,
+                "node_key": self.st.node_key.node_public().to_text(),
+                "online": self.control_connected,
+                "endpoints": self._reported_endpoints or [],
+                "port": self.port,
+            },
+            "peers": peers,
+        }
+
+    def ip(self) -> dict[str, Any]:
+        me = self.netmap.self_node
+        addrs = me.addresses if me else self.st.state.addresses
+        if not addrs or self.backend_state == "NeedsLogin":
+            raise APIError(409, "no tailnet address yet: run `relaymesh up` first")
+        out: dict[str, Any] = {"ipv4": None, "ipv6": None}
+        for a in addrs:
+            ip = ipaddress.ip_interface(a).ip
+            out["ipv4" if ip.version == 4 else "ipv6"] = out["ipv4" if ip.version == 4
+                                                             else "ipv6"] or str(ip)
+        return out
+
+    async def ping(self, peer: str, count: int, timeout: float) -> dict[str, Any]:
+        if self.engine is None or self.backend_state != "Running":
+            raise APIError(409, "the node is not up: run `relaymesh up` first")
+        node = self.netmap.find_peer(peer)
+        if node is None:
+            raise APIError(404, f"no peer {peer!r} in the network map")
+        ip = node.ipv4 or node.ipv6
+        results: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        for _ in range(count):
+            txids, sends = self.disco.cli_ping(node.id, time.monotonic())
+            if not sends:
+                results.append({"peer": node.name, "ip": ip,
+                                "error": f"no direct endpoint known for {node.name}"})
+                continue
+            futs = [loop.create_future() for _ in txids]
+            for t, f in zip(txids, futs, strict=True):
+                self._ping_waiters[t] = f
+            self._send(sends)
+            done, _ = await asyncio.wait(futs, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for t in txids:
+                self._ping_waiters.pop(t, None)
+            self.disco.forget_pings(txids)
+            if not done:
+                results.append({"peer": node.name, "ip": ip,
+                                "error": f"no pong from {node.name} ({ip}) within {timeout:g} s"})
+                continue
+            r = next(iter(done)).result()
+            results.append({
+                "peer": node.name,
+                "ip": ip,
+                "path": str(r.path),
+                "detail": format_endpoint(r.addr),
+                "latency_ms": round(r.latency * 1e3, 3),
+            })
+        return {"results": results}
+
+    def get_prefs(self) -> dict[str, Any]:
+        return self.st.prefs.to_json()
+
+    async def patch_prefs(self, patch: dict[str, Any]) -> dict[str, Any]:
+        p = self.st.prefs
+        hostname_changed = False
+        for k, v in patch.items():
+            if k == "hostname":
+                p.hostname = None if v in (None, "") else str(v)
+                hostname_changed = True
+            elif k == "relay_server_port":
+                if v is not None and (not isinstance(v, int) or not 0 <= v <= 65535):
+                    raise APIError(400, "relay_server_port must be 0..65535 or null")
+                p.relay_server_port = v
+            elif k == "relay_server_static_endpoints":
+                if not isinstance(v, list):
+                    raise APIError(400, "relay_server_static_endpoints must be a list")
+                p.relay_server_static_endpoints = [str(x) for x in v]
+            elif k == "path_policy":
+                if not isinstance(v, dict):
+                    raise APIError(400, "path_policy must be an object {peer: policy}")
+                for name, pol in v.items():
+                    if pol is None:
+                        p.path_policy.pop(str(name), None)
+                        continue
+                    try:
+                        PathPolicy(str(pol))
+                    except ValueError:
+                        raise APIError(400, f"path policy for {name}: {pol!r} is not one of "
+                                       "auto, no-direct, no-relay") from None
+                    p.path_policy[str(name)] = str(pol)
+            elif k == "advertise_tags":
+                if not isinstance(v, list):
+                    raise APIError(400, "advertise_tags must be a list")
+                p.advertise_tags = [str(t) for t in v]
+            else:
+                raise APIError(400, f"unknown pref {k!r}")
+        self.st.save_prefs()
+        self._apply_path_policies()
+        if hostname_changed and self._client is not None and self.control_connected:
+            try:
+                await self._client.update(hostname=self._hostname())
+            except ControlError as e:
+                log.warning("hostname update: %s", e)
+        return self.get_prefs()
+
+    def netcheck(self) -> dict[str, Any]:
+        raise APIError(501, "not available yet: needs DERP (next issue)")
+
+    def debug_path(self, peer: str) -> list[dict[str, Any]]:
+        node = self.netmap.find_peer(peer)
+        if node is None:
+            raise APIError(404, f"no peer {peer!r} in the network map")
+        return [
+            {"candidate": r.candidate, "kind": str(r.kind), "state": r.state,
+             "latency_ms": r.latency_ms, "reason": r.reason}
+            for r in self.disco.report(node.id, time.monotonic())
+        ]
+
+    def debug_peer_relay_sessions(self) -> list[dict[str, Any]]:
+        raise APIError(501, "not available yet: peer relays land in a later issue")
+
+    # -- control --------------------------------------------------------------------------------
+
+    def _hostname(self) -> str:
+        return self.st.prefs.hostname or socket.gethostname()
+
+    async def _register(self, client: ControlClient, auth_key: str | None) -> dict[str, Any]:
+        res = await client.register(
+            auth_key=auth_key,
+            node_key=self.st.node_key.node_public().to_text(),
+            disco_key=self.st.disco_key.disco_public().to_text(),
+            hostname=self._hostname(),
+            tags=list(self.st.prefs.advertise_tags),
+        )
+        node = res["node"]
+        s = self.st.state
+        try:
+            s.node_id = int(node["id"])
+            s.name = str(node.get("name") or "")
+            s.addresses = [str(a) for a in node.get("addresses") or []]
+        except (KeyError, TypeError, ValueError):
+            raise ControlError("register answer: malformed node") from None
+        s.user = str(res.get("user") or "") or None
+        self.st.save_state()
+        return res
+
+    async def _report_endpoints(self, client: ControlClient, force: bool = False) -> None:
+        eps = self._endpoints_fn(self.port)
+        if force or eps != self._reported_endpoints:
+            await client.update(endpoints=eps, hostname=self._hostname())
+            self._reported_endpoints = eps
+
+    async def _control_loop(self, client: ControlClient) -> None:
+        attempt = 0
+        registered = self._first_map.is_set() or bool(self.st.state.node_id)
+        first = True
+        while True:
+            try:
+                if not first or not registered:
+                    await self._register(client, None)
+                first = False
+                await self._report_endpoints(client, force=True)
+                async for msg in client.map_stream():
+                    if not self.control_connected:
+                        self.control_connected = True
+                        self.last_error = None
+                        log.info("control: connected to %s", client.base)
+                    if msg.get("type") == "full":
+                        attempt = 0
+                    self._on_map(msg)
+                    if self.netmap.logged_out is not None:
+                        await self._logged_out(self.netmap.logged_out)
+                        return
+                raise ControlError("map stream ended")
+            except ControlError as e:
+                self.control_connected = False
+                self.last_error = str(e)
+                if e.refused:
+                    log.warning("control: refused: %s", e)
+                    await self._logged_out(str(e))
+                    return
+                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
+                attempt = min(attempt + 1, 16)
+                log.warning("control: %s; retrying in %.1f s", e, delay)
+            except MapError as e:
+                self.control_connected = False
+                self.last_error = f"bad map: {e}"
+                log.warning("control: bad map message (%s); reconnecting", e)
+                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
+                attempt = min(attempt + 1, 16)
+            await asyncio.sleep(delay)
+
+    async def _logged_out(self, reason: str) -> None:
+        log.warning("control: logged out: %s", reason)
+        self.backend_state = "NeedsLogin"
+        self.control_connected = False
+        self.last_error = reason
+        self.netmap = NetMap()
+        self.disco.set_peers([], time.monotonic())
+        self._stop_engine()
+        s = self.st.state
+        s.node_id = None
+        s.want_running = False
+        s.addresses = []
+        self.st.save_state()
+        self._first_map.set()
+        for t in self._tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+
+    def _on_map(self, msg: dict[str, Any]) -> None:
+        if not self.netmap.apply(msg):
+            return
+        if self.netmap.logged_out is not None:
+            return
+        me = self.netmap.self_node
+        s = self.st.state
+        if me is not None and (me.addresses != s.addresses or me.name != s.name):
+            s.addresses, s.name = list(me.addresses), me.name
+            self.st.save_state()
+        if me is not None and self.engine is not None:
+            self.engine.set_addresses(me.addresses)
+        try:
+            self.flt.set_policy(Filter.from_json(self.netmap.packet_filter))
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("packet filter from the map is malformed (%s); keeping the old one", e)
+        now = time.monotonic()
+        peers = list(self.netmap.peers.values())
+        self._send(self.disco.set_peers(peers, now))
+        self._apply_path_policies()
+        if self.engine is not None:
+            self.engine.set_peers(
+                (n.node_key, n.host_routes(), self._endpoint_for(n, now)) for n in peers
+            )
+        if msg.get("type") == "full":
+            self._first_map.set()
+        log.info("map v%d: %d peer(s), %d filter rule(s)", self.netmap.version, len(peers),
+                 len(self.netmap.packet_filter))
+
+    def _endpoint_for(self, n: MapNode, now: float) -> tuple[str, int] | None:
+        """Disco's chosen path, else the first advertised endpoint (IPv4 first) to start with."""
+        best = self.disco.best_endpoint(n.id, now)
+        if best is not None:
+            return best
+        eps = sorted(n.endpoints, key=lambda e: ":" in e[0])
+        return eps[0] if eps else None
+
+    def _apply_path_policies(self) -> None:
+        pol = self.st.prefs.path_policy
+        for n in self.netmap.peers.values():
+            self.disco.set_path_policy(n.id, PathPolicy(pol.get(n.name, "auto")))
+
+    # -- disco ----------------------------------------------------------------------------------
+
+    def _send(self, sends: list[Send]) -> None:
+        if self.magic is None:
+            return
+        for s in sends:
+            self.magic.send(s.data, s.addr)
+
+    def _on_disco(self, data: bytes, src: tuple[str, int]) -> None:
+        sends, results = self.disco.handle(data, src, time.monotonic())
+        self._send(sends)
+        for r in results:
+            fut = self._ping_waiters.pop(r.txid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(r)
+        self._reconcile_endpoints()
+
+    def _reconcile_endpoints(self) -> None:
+        if self.engine is None:
+            return
+        now = time.monotonic()
+        for n in self.netmap.peers.values():
+            best = self.disco.best_endpoint(n.id, now)
+            if best is not None:
+                self.engine.set_endpoint(n.node_key, best)
+
+    async def _disco_loop(self) -> None:
+        last_refresh = time.monotonic()
+        while True:
+            await asyncio.sleep(DISCO_TICK)
+            now = time.monotonic()
+            try:
+                if self.engine is not None:
+                    stats = self.engine.peer_stats()
+                    for n in self.netmap.peers.values():
+                        ps = stats.get(n.node_key.raw)
+                        if ps is not None and ps.tx_bytes != self._last_tx.get(n.id, 0):
+                            self._last_tx[n.id] = ps.tx_bytes
+                            self._send(self.disco.note_activity(n.id, now))
+                self._send(self.disco.tick(now))
+                self._reconcile_endpoints()
+                if (now - last_refresh >= ENDPOINT_REFRESH and self._client is not None
+                        and self.control_connected):
+                    last_refresh = now
+                    await self._report_endpoints(self._client)
+            except ControlError as e:
+                log.warning("endpoint update failed: %s", e)
+            except Exception:  # a bug here must not stop disco for good
+                log.exception("disco loop error")
+
+    def path_of(self, peer_id: int) -> Path:
+        return self.disco.path(peer_id, time.monotonic())
