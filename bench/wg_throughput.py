@@ -15,14 +15,18 @@ Needs root (network namespaces).  Usage::
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import os
 import platform
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -54,8 +58,46 @@ class Row:
     retransmits: int
 
 
+def profile_top(path: Path, n: int = 12) -> str:
+    """Self samples by source line from a py-spy raw (collapsed) file: where the GIL time goes."""
+    self_t: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        self_t[stack.split(";")[-1]] += int(count)
+    rows = [f"  {100 * c / max(total, 1):5.1f}%  {frame}" for frame, c in self_t.most_common(n)]
+    return f"{path.name}: {total} samples with the GIL held\n" + "\n".join(rows)
+
+
+def profile_run(lab: Lab, a: Endpoint, b: Endpoint, seconds: float, outdir: Path) -> None:
+    """One extra (unreported) iperf3 run with py-spy sampling every relaymesh process."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    outdir.mkdir(parents=True, exist_ok=True)
+    procs, files = [], []
+    for side, ep in (("sender", a), ("receiver", b)):
+        if ep.kind != "rm":
+            continue
+        out = outdir / f"{a.kind}-{b.kind}-{side}.txt"
+        files.append(out)
+        procs.append(subprocess.Popen(
+            [pyspy, "record", "-p", str(ep.pid), "-d", str(max(1, int(seconds) - 1)), "-r", "200",
+             "--gil", "-t", "-f", "raw", "-o", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if not procs:
+        return
+    iperf(lab, a, b, seconds, {"a": a.pid, "b": b.pid})
+    for p in procs:
+        p.wait(60)
+    for f in files:
+        if f.exists():
+            print(profile_top(f), flush=True)
+
+
 def run_pair(lab: Lab, kinds: tuple[Kind, Kind], seconds: float, runs: int,
-             rm_args: tuple[str, ...]) -> Row:
+             rm_args: tuple[str, ...], profile: Path | None = None) -> Row:
     a, b = start_pair(lab, kinds, rm_args=rm_args)
     eps: list[Endpoint] = [a, b]
     server = None
@@ -70,6 +112,8 @@ def run_pair(lab: Lab, kinds: tuple[Kind, Kind], seconds: float, runs: int,
                   f"cpu a {r.cpu_pct['a']:5.1f}%  b {r.cpu_pct['b']:5.1f}%  "
                   f"retr {r.retransmits}", flush=True)
             results.append(r)
+        if profile is not None:
+            profile_run(lab, a, b, seconds, profile)
     finally:
         if server is not None:
             server.stop()
@@ -106,6 +150,12 @@ def main() -> int:
                     help="comma list of sender-receiver kinds: rm (relaymesh), wg (wireguard-go)")
     ap.add_argument("--threads", type=int, choices=(1, 2), default=2,
                     help="relaymesh datapath I/O threads")
+    ap.add_argument("--no-offload", action="store_true",
+                    help="relaymesh without UDP GSO/GRO")
+    ap.add_argument("--section", default="wg_throughput",
+                    help="docs/benchmarks.md section to write (variants get their own)")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="after each pair's runs, one more run under py-spy (raw files in DIR)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -116,8 +166,8 @@ def main() -> int:
         x, _, y = p.strip().partition("-")
         if x not in LABELS or y not in LABELS:
             ap.error(f"bad pair {p!r}")
-        pairs.append((x, y))  # type: ignore[arg-type]
-    rm_args = ("--threads", str(args.threads))
+        pairs.append((cast(Kind, x), cast(Kind, y)))
+    rm_args = ("--threads", str(args.threads)) + (("--no-offload",) if args.no_offload else ())
     topo = Topology(name="wg-bench")
     topo.add_host("a")
     topo.add_host("b")
@@ -125,7 +175,7 @@ def main() -> int:
     with Lab(topo, state_dir=None) as lab:
         for kinds in pairs:
             print(f"{LABELS[kinds[0]]} -> {LABELS[kinds[1]]}", flush=True)
-            rows.append(run_pair(lab, kinds, args.seconds, args.runs, rm_args))
+            rows.append(run_pair(lab, kinds, args.seconds, args.runs, rm_args, args.profile))
     text = table(rows)
     by = {r.pair: r.mbit for r in rows}
     rr, gg = by.get("relaymesh -> relaymesh"), by.get("wireguard-go -> wireguard-go")
@@ -141,10 +191,11 @@ def main() -> int:
             f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on "
             f"{os.cpu_count()} vCPUs ({platform.machine()}, Linux {platform.release()}); "
             f"iperf3 TCP {args.seconds:g} s x {args.runs} runs per pair, median; relaymesh "
-            f"datapath threads={args.threads}. CPU is % of one core over the run (utime+stime).\n\n"
+            f"datapath threads={args.threads}, UDP GSO/GRO {'off' if args.no_offload else 'on'}. "
+            "CPU is % of one core over the run (utime+stime).\n\n"
             + text + ratio + "\n"
         )
-        update_doc_section(DOC, "wg_throughput", body)
+        update_doc_section(DOC, args.section, body)
         print(f"updated {DOC.relative_to(ROOT)}")
     return 0
 

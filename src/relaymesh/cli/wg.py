@@ -114,8 +114,11 @@ def _short(public: bytes) -> str:
               help="Multiply every WireGuard timer (tests: e.g. 0.1 rekeys after 12 s).")
 @click.option("--threads", type=click.IntRange(1, 2), default=2, hidden=True,
               help="Datapath I/O threads: 2 (one per direction) or 1 (benchmarks).")
+@click.option("--no-offload", is_flag=True, hidden=True,
+              help="Do not use UDP GSO/GRO (benchmarks: measure what they bring).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def up(config: Path, name: str | None, timers_scale: float, threads: int, verbose: bool) -> None:
+def up(config: Path, name: str | None, timers_scale: float, threads: int, no_offload: bool,
+       verbose: bool) -> None:
     """Bring up a WireGuard interface from CONFIG and run it until SIGINT/SIGTERM."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -141,7 +144,7 @@ def up(config: Path, name: str | None, timers_scale: float, threads: int, verbos
             except OSError as e:
                 _fail(f"{config}:{p.line}: cannot resolve endpoint {p.endpoint[0]}: {e}",
                       EXIT_CONFIG)
-    _run(cfg, ifname, endpoints, timers_scale, threads)
+    _run(cfg, ifname, endpoints, timers_scale, threads, not no_offload)
 
 
 def _run(
@@ -150,6 +153,7 @@ def _run(
     endpoints: dict[bytes, tuple[str, int]],
     timers_scale: float,
     threads: int,
+    offload: bool,
 ) -> None:
     # Imported here so that `wg genkey` and config errors do not pay for (or depend on) the core.
     from relaymesh.wireguard.datapath import Datapath, open_udp_socket
@@ -205,14 +209,15 @@ def _run(
                 endpoint=endpoints.get(p.public_key),
                 persistent_keepalive=p.persistent_keepalive,
             )
-        dp = Datapath(device, tun, sock, threads=threads)
+        dp = Datapath(device, tun, sock, threads=threads, offload=offload)
         dp_holder.append(dp)
         dp.start()
         cleanup.append(dp)
         log.info(
-            "%s up: public key %s, UDP port %d, MTU %d, %d peer(s)",
+            "%s up: public key %s, UDP port %d, MTU %d, %d peer(s), %d datapath thread(s), "
+            "UDP offloads %s",
             tun.name, iface.private_key.node_public().short, sock.getsockname()[1],
-            iface.mtu or DEFAULT_MTU, len(cfg.peers),
+            iface.mtu or DEFAULT_MTU, len(cfg.peers), threads, dp.offloads,
         )
         for pk in endpoints:  # like `wg up` with a known endpoint: handshake now, not on 1st packet
             dp.transmit(dp.call(_initiator(pk)))
