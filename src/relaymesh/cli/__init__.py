@@ -15,6 +15,7 @@ import click
 SUBCOMMANDS = [
     "relaymesh.cli.wg",
     "relaymesh.cli.lab",
+    "relaymesh.cli.control",
     "relaymesh.cli.daemon",
     "relaymesh.cli.up",
     "relaymesh.cli.down",
