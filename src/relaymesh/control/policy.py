@@ -28,6 +28,7 @@ Errors of every kind raise :class:`PolicyError` with the line and column in the 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -162,8 +163,17 @@ class NetSet:
         given = list(networks)  # may be a one-shot iterator
         v4 = [n for n in given if isinstance(n, IPv4Network)]
         v6 = [n for n in given if isinstance(n, IPv6Network)]
-        collapsed: list[IPNetwork] = [*ipaddress.collapse_addresses(v4)]
-        collapsed += [*ipaddress.collapse_addresses(v6)]
+        collapsed: list[IPNetwork] = []
+        # Only host routes (the common case: node addresses) cannot merge except as duplicates,
+        # and collapse_addresses is slow on long lists: sort and dedupe those instead.
+        if all(n.prefixlen == 32 for n in v4):
+            collapsed += sorted(set(v4))
+        else:
+            collapsed += ipaddress.collapse_addresses(v4)
+        if all(n.prefixlen == 128 for n in v6):
+            collapsed += sorted(set(v6))
+        else:
+            collapsed += ipaddress.collapse_addresses(v6)
         self.networks: tuple[IPNetwork, ...] = tuple(collapsed)
         hosts: dict[int, set[int]] = {4: set(), 6: set()}
         nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
@@ -335,9 +345,15 @@ class PolicyNode:
     def addresses(self) -> tuple[IPAddr, ...]:
         return tuple(a for a in (self.ipv4, self.ipv6) if a is not None)
 
-    @property
+    @functools.cached_property
     def host_networks(self) -> tuple[IPNetwork, ...]:
-        return tuple(ipaddress.ip_network(a) for a in self.addresses)
+        """The node's addresses as /32 and /128 networks (cached: compile uses them a lot)."""
+        nets: list[IPNetwork] = []
+        if self.ipv4 is not None:
+            nets.append(IPv4Network((int(self.ipv4), 32)))
+        if self.ipv6 is not None:
+            nets.append(IPv6Network((int(self.ipv6), 128)))
+        return tuple(nets)
 
 
 @dataclass(frozen=True)
@@ -883,13 +899,25 @@ class Policy:
                 got = cache[sel.text] = resolve(sel)
             return got
 
+        netsets: dict[tuple[IPNetwork, ...], NetSet] = {}
+
+        def netset(nets: tuple[IPNetwork, ...]) -> NetSet:
+            """Destination sets repeat per node across rules: build each once."""
+            got = netsets.get(nets)
+            if got is None:
+                got = netsets[nets] = NetSet(nets)
+            return got
+
         rules_for: dict[NodeId, list[FilterRule]] = {}
         visible: dict[NodeId, set[NodeId]] = {nid: set() for nid in all_ids}
 
-        def link(a: NodeId, b: NodeId) -> None:
-            if a != b:
-                visible[a].add(b)
-                visible[b].add(a)
+        def link(a: set[NodeId], b: set[NodeId]) -> None:
+            """Make every node of ``a`` see every node of ``b`` and back (self-links dropped
+            at the end); set unions keep this fast for ``*`` rules over many nodes."""
+            for x in a:
+                visible[x] |= b
+            for y in b:
+                visible[y] |= a
 
         for rule in self._rules:
             src_nodes: set[NodeId] = set()
@@ -911,13 +939,12 @@ class Policy:
                         for h in node.host_networks
                         if any(h.version == n.version and h.subnet_of(n) for n in target.networks)  # type: ignore[arg-type]
                     ]
-                    dst_set = NetSet(dst_nets)
+                    dst_set = netset(tuple(dst_nets))
                     for svc in rule.services:
                         rules_for.setdefault(nid, []).append(
                             FilterRule(src_set, dst_set, svc.ports, svc.protos)
                         )
-                    for s_id in src_nodes:
-                        link(s_id, nid)
+                link(src_nodes, target.nodes)
 
         peer_caps: dict[NodeId, dict[NodeId, dict[str, list[Any]]]] = {}
         relay_clients: dict[NodeId, set[NodeId]] = {}
@@ -941,7 +968,8 @@ class Policy:
                         if d_id != s_id:
                             pairs.add((s_id, d_id))
             for s_id, d_id in pairs:
-                link(s_id, d_id)
+                visible[s_id].add(d_id)
+                visible[d_id].add(s_id)
                 per_src = peer_caps.setdefault(d_id, {}).setdefault(s_id, {})
                 for cap, values in cap_rule.caps.items():
                     per_src.setdefault(cap, []).extend(values)
@@ -957,7 +985,7 @@ class Policy:
             },
             relay_clients={k: frozenset(v) for k, v in relay_clients.items()},
             relay_targets={k: frozenset(v) for k, v in relay_targets.items()},
-            visible_peers={k: frozenset(v) for k, v in visible.items()},
+            visible_peers={k: frozenset(v - {k}) for k, v in visible.items()},
         )
 
     @staticmethod
@@ -966,7 +994,7 @@ class Policy:
         src_nodes: set[NodeId],
         by_id: Mapping[NodeId, PolicyNode],
         rules_for: dict[NodeId, list[FilterRule]],
-        link: Callable[[NodeId, NodeId], None],
+        link: Callable[[set[NodeId], set[NodeId]], None],
     ) -> None:
         """``autogroup:self``: each untagged source may reach its own user's untagged nodes."""
         by_user: dict[str, list[PolicyNode]] = {}
@@ -982,5 +1010,5 @@ class Policy:
                     rules_for.setdefault(target.id, []).append(
                         FilterRule(src_set, dst_set, svc.ports, svc.protos)
                     )
-                for n in user_nodes:
-                    link(n.id, target.id)
+            ids = {n.id for n in user_nodes}
+            link(ids, ids)
