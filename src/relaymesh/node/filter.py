@@ -16,8 +16,8 @@ Header fields read (everything else in the packet is ignored)::
     TCP/UDP/SCTP at the transport offset: bytes 0-1 source port, 2-3 destination port
     ICMPv4/ICMPv6: byte 0 type; echo request/reply bytes 4-5 identifier (used as the "port")
 
-A non-first fragment carries no ports: it is judged as a portless packet (so only a rule for any
-protocol lets it in). Malformed packets are dropped and counted in :attr:`InboundFilter.drops`.
+A non-first fragment carries no ports and passes, as in Tailscale's filter: its first fragment
+(which has the ports) was judged, and without it the receiver cannot reassemble the packet. Malformed packets are dropped and counted in :attr:`InboundFilter.drops`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Flow:
     sport: int | None
     dport: int | None
     icmp_type: int | None = None
+    fragment: bool = False  # a non-first fragment: no transport header
 
     @property
     def is_echo_request(self) -> bool:
@@ -97,7 +98,7 @@ def parse_flow(p: bytes | memoryview) -> Flow | None:
     else:
         return None
     if not first_fragment:
-        return Flow(version, src, dst, proto, None, None)
+        return Flow(version, src, dst, proto, None, None, fragment=True)
     if proto in PORT_PROTOS:
         if n < off + 4:
             return None
@@ -182,7 +183,7 @@ class InboundFilter:
         if f is None:
             self.drops["malformed"] += 1
             return False
-        if self.conntrack.is_reply(f, now):
+        if f.fragment or self.conntrack.is_reply(f, now):
             return True
         port = f.dport if f.proto in PORT_PROTOS else None
         if self.policy.allows(f.src, f.dst, f.proto, port):
