@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from relaymesh.lab import nat as natmod
 from relaymesh.lab.natcheck import NatObservation
@@ -50,7 +50,12 @@ from relaymesh.lab.netns import (
 )
 from relaymesh.lab.topology import Impairment, Topology
 
-STATE_DIR = Path(os.environ.get("RELAYMESH_LAB_STATE", "/run/relaymesh-lab"))
+DEFAULT_STATE_DIR = "/run/relaymesh-lab"
+
+
+def default_state_dir() -> Path:
+    """Where running labs are recorded for `relaymesh lab down/exec` (RELAYMESH_LAB_STATE)."""
+    return Path(os.environ.get("RELAYMESH_LAB_STATE", DEFAULT_STATE_DIR))
 INET = "inet"
 # RFC 2544 benchmark range: cannot leak to (or be confused with) the real internet.
 INET_V4 = "198.18.{i}.{h}"
@@ -147,11 +152,12 @@ class Lab:
     """A running topology. Use as a context manager; ``close()`` is idempotent."""
 
     def __init__(self, topology: Topology, run_id: str | None = None, *,
-                 state_dir: Path | None = STATE_DIR, install_signal_handlers: bool = True) -> None:
+                 state_dir: Path | Literal["default"] | None = "default",
+                 install_signal_handlers: bool = True) -> None:
         self.topology = topology
         self.run_id = check_run_id(run_id) if run_id else new_run_id()
         self.prefix = f"rm-{self.run_id}-"
-        self._state_dir = state_dir
+        self._state_dir = default_state_dir() if state_dir == "default" else state_dir
         self._install_signals = install_signal_handlers
         self.nodes: dict[str, NodeInfo] = {}
         self._created: list[str] = []

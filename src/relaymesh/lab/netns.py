@@ -116,7 +116,7 @@ def kill_pids(pids: Sequence[int], grace: float = 1.0) -> None:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _exists(p)]
+        alive = [p for p in alive if pid_alive(p)]
         if alive:
             time.sleep(0.02)
     for pid in alive:
@@ -124,7 +124,7 @@ def kill_pids(pids: Sequence[int], grace: float = 1.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _exists(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         # A zombie still "exists" for kill(0); treat it as gone (its parent will reap it).
         with open(f"/proc/{pid}/stat") as f:
