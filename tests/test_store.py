@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -568,3 +569,13 @@ async def test_bad_tags_are_refused(store: Store) -> None:
     with pytest.raises(ValueError):
         await store.register_node(**keys(), hostname="a", user="alice", tags=["tag:"])
     assert await store.count_nodes() == 0
+
+
+async def test_sqlite_file_uses_wal_and_foreign_keys(tmp_path: Path) -> None:
+    s = await Store.open(f"sqlite:///{tmp_path / 'wal.db'}")
+    try:
+        async with s.engine.connect() as conn:
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+            assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+    finally:
+        await s.close()

@@ -173,16 +173,21 @@ class Store:
         """Connect, create or upgrade the schema, and return a ready store."""
         url = normalize_url(url)
         kwargs: dict[str, Any] = {"echo": echo}
-        if url.startswith("sqlite") and url.rstrip("/").endswith((":", ":memory:")):
+        in_memory = url.startswith("sqlite") and url.rstrip("/").endswith((":", ":memory:"))
+        if in_memory:
             # An in-memory database exists per connection: share exactly one.
             kwargs["poolclass"] = StaticPool
         engine = create_async_engine(url, **kwargs)
         if engine.dialect.name == "sqlite":
-            # SQLite ignores foreign keys unless asked, per connection.
+
             @event.listens_for(engine.sync_engine, "connect")
-            def _fk_on(dbapi_conn: Any, _record: Any) -> None:
+            def _sqlite_setup(dbapi_conn: Any, _record: Any) -> None:
                 cur = dbapi_conn.cursor()
+                # SQLite ignores foreign keys unless asked, per connection.
                 cur.execute("PRAGMA foreign_keys=ON")
+                if not in_memory:
+                    # WAL: readers (network map builds) do not block the writer or each other.
+                    cur.execute("PRAGMA journal_mode=WAL")
                 cur.close()
 
         store = cls(engine, clock=clock, pool=pool)
