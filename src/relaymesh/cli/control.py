@@ -28,6 +28,7 @@ from relaymesh.control.config import ConfigError, ServerConfig, parse_hostport
 
 DEFAULT_STATE_DIR = Path("/var/lib/relaymesh/control")
 ADMIN_TIMEOUT_S = 30.0
+PIPE_WIDTH = 240  # table width when stdout is not a terminal
 
 Json = Any
 
@@ -136,10 +137,13 @@ def _emit(
     items = [rows] if isinstance(rows, dict) else list(rows)
     table = Table(title=title)
     for header, _ in columns:
-        table.add_column(header)
+        table.add_column(header, no_wrap=True)
     for row in items:
         table.add_row(*(get(row) for _, get in columns))
-    Console(soft_wrap=True).print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: never squeeze the table to 80 columns
+        console = Console(width=PIPE_WIDTH)
+    console.print(table)
 
 
 output_option = click.option(
