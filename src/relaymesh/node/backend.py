@@ -203,8 +203,16 @@ class Backend:
         async with self._up_lock:
             await self._stop_session()
             client = ControlClient(str(login_server), self.st.machine_key)
+            known = bool(self.st.state.node_id) and self.st.state.login_server == login_server
             try:
-                res = await self._register(client, auth_key)
+                try:
+                    # A known machine re-registers without spending the key (like `tailscale up`
+                    # on a logged-in node); the key is used only if the server forgot us.
+                    res = await self._register(client, None if known else auth_key)
+                except ControlError as e:
+                    if not (known and auth_key and e.refused):
+                        raise
+                    res = await self._register(client, auth_key)
             except ControlError as e:
                 await client.close()
                 if self.engine is not None and self.st.state.want_running:

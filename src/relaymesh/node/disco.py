@@ -31,6 +31,7 @@ from relaymesh.node.netmap import MapNode
 from relaymesh.paths import Path
 
 TXID_LEN = 12  # disco ping transaction id (codec TX_ID_LEN)
+REPROBE_MIN_INTERVAL = 1.0  # s: bounds extra probing of a peer that has no path yet
 CLI_PING_MAX = 256  # outstanding `relaymesh ping` probes kept; older ones are forgotten
 
 
@@ -55,6 +56,7 @@ class PingResult:
 class _Peer:
     node: MapNode
     paths: PeerPaths
+    last_reprobe: float = float("-inf")
 
 
 class DiscoManager:
@@ -91,8 +93,11 @@ class DiscoManager:
                 p.paths.set_direct_candidates(n.endpoints)
                 out += self._actions(p, p.paths.on_send(now))  # find a path before data needs it
             else:
+                changed = set(n.endpoints) != set(p.node.endpoints)
                 p.node = n
                 p.paths.set_direct_candidates(n.endpoints)
+                if changed:
+                    out += self._reprobe(p, now)
         for pid in [pid for pid in self._peers if pid not in seen]:
             del self._peers[pid]
         self._by_disco = {
@@ -133,7 +138,8 @@ class DiscoManager:
             peer.paths.on_ping_received(Candidate(Path.DIRECT, addr=src), now)
             self.pings_answered += 1
             pong = Pong(msg.tx_id, (ipaddress.ip_address(src[0]), src[1]))
-            return [Send(seal(pong, self._priv, sender), src)], []
+            # the peer is looking for us: if we have no path to it yet, look for it too
+            return [Send(seal(pong, self._priv, sender), src), *self._reprobe(peer, now)], []
         if isinstance(msg, Pong):
             cli = self._cli_pings.pop(msg.tx_id, None)
             if cli is not None:
@@ -204,6 +210,20 @@ class DiscoManager:
         return min(ds) if ds else None
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _reprobe(self, p: _Peer, now: float) -> list[Send]:
+        """Probe every direct candidate now when the peer has no path yet (its endpoints just
+        changed, or it pinged us), instead of waiting for PeerPaths' 5 s re-probe. At most once
+        per REPROBE_MIN_INTERVAL. A PeerPaths without a chosen path holds nothing worth keeping
+        but its candidates, so a fresh one (same policy and candidates) is probed from scratch."""
+        if p.paths.best is not None or now - p.last_reprobe < REPROBE_MIN_INTERVAL:
+            return []
+        p.last_reprobe = now
+        cands = [c.addr for c in p.paths.candidates() if c.kind is Path.DIRECT and c.addr]
+        fresh = PeerPaths(random_bytes=self._rand, policy=p.paths.policy)
+        fresh.set_direct_candidates(cands)
+        p.paths = fresh
+        return self._actions(p, fresh.on_send(now))
 
     def _seal_ping(self, txid: bytes, to: DiscoKey) -> bytes:
         return seal(Ping(txid, self.node_key), self._priv, to)
