@@ -579,3 +579,14 @@ async def test_sqlite_file_uses_wal_and_foreign_keys(tmp_path: Path) -> None:
             assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
     finally:
         await s.close()
+
+
+async def test_node_key_of_another_machine_is_refused(store: Store) -> None:
+    await store.create_user("alice")
+    k = keys()
+    victim = await store.register_node(**k, hostname="victim", user="alice")
+    thief = {**keys(), "node_key": k["node_key"]}
+    with pytest.raises(AlreadyExistsError):
+        await store.register_node(**thief, hostname="thief", user="alice")
+    assert await store.get_node(victim.id) == victim
+    assert await store.count_nodes() == 1

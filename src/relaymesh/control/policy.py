@@ -226,13 +226,6 @@ class FilterRule:
     ports: tuple[PortRange, ...]
     protos: frozenset[int] | None
 
-    def matches(self, src: tuple[int, int], dst: tuple[int, int], proto: int, port: int) -> bool:
-        if self.protos is not None and proto not in self.protos:
-            return False
-        if proto in PORT_PROTOS and not any(lo <= port <= hi for lo, hi in self.ports):
-            return False
-        return self.dst.contains_key(*dst) and self.src.contains_key(*src)
-
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form, for shipping a node its filter in the network map."""
         return {

@@ -389,7 +389,8 @@ class Store:
         the key's user, tags and ephemeral flag apply unless ``tags`` is given).
 
         A node is known by its machine key: registering again (e.g. with a rotated node key)
-        keeps its id, name and addresses, which are stable for the node's life. A new node gets
+        keeps its id, name and addresses, which are stable for the node's life. A node key
+        already held by another machine raises :class:`AlreadyExistsError`. A new node gets
         a DNS-safe name derived from ``hostname`` (suffixed ``-1``, ``-2``... on a clash) and the
         next free address pair from the pool.
         """
@@ -412,7 +413,7 @@ class Store:
                     node_tags = [] if tags is None else sorted(set(tags))
                     is_ephemeral = ephemeral
                 now = self.now()
-                existing = (
+                holders = (
                     await s.execute(
                         select(NodeRow).where(
                             or_(
@@ -421,7 +422,14 @@ class Store:
                             )
                         )
                     )
-                ).scalars().first()
+                ).scalars().all()
+                existing = next(
+                    (r for r in holders if r.machine_key == machine_key.to_text()), None
+                )
+                if any(r.machine_key != machine_key.to_text() for r in holders):
+                    # A node key is public: another machine presenting it must not take over
+                    # that node's name, addresses and endpoints.
+                    raise AlreadyExistsError("node key is registered to another machine")
                 if existing is not None:
                     existing.node_key = node_key.to_text()
                     existing.machine_key = machine_key.to_text()
