@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -129,8 +130,8 @@ async def test_policy_filters_new_flows_but_not_replies(
     a, b = pair
     srv, _ = control
     ia, ib = a.ipv4(), b.ipv4()
-    await srv.set_policy('{"acls": [{"action": "accept", "src": ["%s"], "dst": ["%s:*"]}]}'
-                         % (ia, ib))
+    acl = {"action": "accept", "src": [ia], "dst": [f"{ib}:*"]}
+    await srv.set_policy(json.dumps({"acls": [acl]}))
     await until(lambda: len(b.backend.netmap.packet_filter) == 1
                 and not a.backend.netmap.packet_filter)
     # B may not open a flow to A

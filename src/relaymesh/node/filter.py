@@ -17,7 +17,8 @@ Header fields read (everything else in the packet is ignored)::
     ICMPv4/ICMPv6: byte 0 type; echo request/reply bytes 4-5 identifier (used as the "port")
 
 A non-first fragment carries no ports and passes, as in Tailscale's filter: its first fragment
-(which has the ports) was judged, and without it the receiver cannot reassemble the packet. Malformed packets are dropped and counted in :attr:`InboundFilter.drops`.
+(which has the ports) was judged, and without it the receiver cannot reassemble the packet.
+Malformed packets are dropped and counted in :attr:`InboundFilter.drops`.
 """
 
 from __future__ import annotations
