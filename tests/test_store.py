@@ -590,3 +590,19 @@ async def test_node_key_of_another_machine_is_refused(store: Store) -> None:
         await store.register_node(**thief, hostname="thief", user="alice")
     assert await store.get_node(victim.id) == victim
     assert await store.count_nodes() == 1
+
+
+def test_postgres_script_is_idempotent_and_names_the_binaries() -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "postgres.sh"
+    runs = [
+        subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
+        for _ in range(2)
+    ]
+    if runs[0].returncode != 0:
+        pytest.skip(f"PostgreSQL unavailable here: {runs[0].stderr.strip()}")
+    assert runs[1].returncode == 0
+    assert runs[0].stdout == runs[1].stdout
+    bindir = Path(runs[0].stdout.strip().splitlines()[-1])
+    assert (bindir / "initdb").exists() and (bindir / "pg_ctl").exists()
