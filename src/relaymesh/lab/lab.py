@@ -69,6 +69,7 @@ STUN_PORT = 3478
 # The shaper's TUN pair inside an impaired host.
 SHAPER_IN, SHAPER_OUT = "rmsh0", "rmsh1"
 SHAPER_TABLE = "100"
+_TEARDOWN_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _EXEC_LOG_LIMIT = 4000  # characters of each exec's output kept in the host log
 
 
@@ -200,6 +201,10 @@ class Lab:
             if self._closed or not self._started:
                 return
             self._closed = True
+        # A second Ctrl-C or SIGTERM must not interrupt teardown half-way: hold those signals
+        # until it is done; they are delivered (with the restored handlers) right after.
+        on_main = threading.current_thread() is threading.main_thread()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _TEARDOWN_SIGNALS) if on_main else None
         try:
             self._final_logs = self.logs()
             for p in self._procs:
@@ -220,6 +225,8 @@ class Lab:
                 shutil.rmtree(self._logdir, ignore_errors=True)
             self._restore_handlers()
             atexit.unregister(self.close)
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     @property
     def closed(self) -> bool:

@@ -383,12 +383,12 @@ class TwinNetwork:
             flow.replied = True
             flow.expires = self.now + UDP_REPLIED_TIMEOUT
             return flow.inside
+        if r.kind == "none":
+            return dst
         if dst[1] in r.forwards and r.kind != "one2one":
             if r.kind in ("none", "firewall") and dst[0] != r.forwards[dst[1]]:
                 return None
             return (r.forwards[dst[1]], dst[1])
-        if r.kind == "none":
-            return dst
         if r.kind == "one2one":
             priv = next(p for p, pub in r.one2one.items() if pub == dst[0])
             return (priv, dst[1])
