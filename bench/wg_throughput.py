@@ -148,7 +148,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per pair (median reported)")
     ap.add_argument("--pairs", default="rm-rm,rm-wg,wg-wg",
                     help="comma list of sender-receiver kinds: rm (relaymesh), wg (wireguard-go)")
-    ap.add_argument("--threads", type=int, choices=(1, 2), default=2,
+    ap.add_argument("--threads", type=int, choices=(1, 2), default=1,
                     help="relaymesh datapath I/O threads")
     ap.add_argument("--no-offload", action="store_true",
                     help="relaymesh without UDP GSO/GRO")

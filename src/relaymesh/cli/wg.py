@@ -112,8 +112,8 @@ def _short(public: bytes) -> str:
 @click.option("--name", help="Interface name (default: the config file's stem, cut to 15).")
 @click.option("--timers-scale", type=float, default=1.0, hidden=True,
               help="Multiply every WireGuard timer (tests: e.g. 0.1 rekeys after 12 s).")
-@click.option("--threads", type=click.IntRange(1, 2), default=2, hidden=True,
-              help="Datapath I/O threads: 2 (one per direction) or 1 (benchmarks).")
+@click.option("--threads", type=click.IntRange(1, 2), default=1, hidden=True,
+              help="Datapath I/O threads: 1 (both directions, measured fastest) or 2.")
 @click.option("--no-offload", is_flag=True, hidden=True,
               help="Do not use UDP GSO/GRO (benchmarks: measure what they bring).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")

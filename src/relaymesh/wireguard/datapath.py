@@ -4,13 +4,18 @@ Why threads and not asyncio: a per-datagram asyncio callback costs ~25-30 us on 
 machine, a plain ``recv_into``/``sendto`` loop ~7-10 us (shared/design/MEASUREMENTS.md). So each
 direction is a blocking loop that waits in ``poll`` and then drains its fd until it would block:
 
-- ``outbound`` thread: TUN fd -> ``Device.send_packet`` -> ``sendto``;
-- ``inbound`` thread: UDP ``recvfrom_into`` (preallocated buffers) -> ``Device.receive`` -> TUN
-  ``write`` and ``sendto`` (handshake responses, flushed queues);
+- outbound: TUN fd -> ``Device.send_packet`` -> ``sendto`` (UDP GSO: one ``sendmsg`` per run of
+  same-size datagrams);
+- inbound: UDP ``recvfrom_into``/``recvmsg_into`` (preallocated buffers; UDP GRO: one receive may
+  hold several datagrams) -> ``Device.receive`` -> TUN ``write`` and ``sendto`` (handshake
+  responses, flushed queues);
 - ``timers`` thread: sleeps until ``Device.next_deadline()`` (re-checked at least every
   ``TIMER_GRANULARITY`` seconds, and at once after a control call) and runs ``Device.tick``.
 
-With ``threads=1`` one I/O thread polls both fds (kept to measure against; see docs/benchmarks.md).
+``threads=1`` (default) runs both directions in one I/O thread that polls both fds; ``threads=2``
+gives each direction its own thread. Measured on the 2-vCPU lab machine (docs/benchmarks.md), one
+thread was as fast or faster in every A/B: with the GIL only syscalls overlap, and the hand-offs
+between two busy threads cost more than that gains when the cores are already saturated.
 
 The core is not thread-safe, so every call into it holds ``self.lock``; syscalls run outside it
 (they release the GIL, so the other direction's interpreter work overlaps them). A batch of up to
@@ -164,7 +169,7 @@ class Datapath:
         tun: TunLike,
         sock: socket.socket,
         *,
-        threads: int = 2,
+        threads: int = 1,
         clock: Callable[[], float] = time.monotonic,
         offload: bool = True,
         divert: Callable[[bytes, tuple[str, int]], bool] | None = None,
