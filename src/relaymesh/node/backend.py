@@ -95,6 +95,7 @@ class Backend:
         self._last_tx: dict[int, int] = {}
         self._reported_endpoints: list[str] | None = None
         self._up_lock = asyncio.Lock()
+        self._bg: set[asyncio.Task[None]] = set()
         if not state.state.node_id:
             self.backend_state = "NeedsLogin"
         else:
@@ -115,13 +116,13 @@ class Backend:
         s = self.st.state
         if s.want_running and s.node_id and s.login_server:
             log.info("resuming as node %s (id %s) on %s", s.name, s.node_id, s.login_server)
-            self._start_engine(s.addresses)
+            await self._start_engine(s.addresses)
             self._start_session(ControlClient(s.login_server, self.st.machine_key))
             self.backend_state = "Running"
 
     async def close(self) -> None:
         await self._stop_session()
-        self._stop_engine()
+        await self._stop_engine()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -143,14 +144,25 @@ class Backend:
             raise
         return Engine(self.st.node_key, sock, tun, net, flt, divert)
 
-    def _start_engine(self, addresses: list[str]) -> None:
+    async def _start_engine(self, addresses: list[str]) -> None:
+        """Netlink (pyroute2) runs its own event loop, so interface work goes to a thread."""
         if self.engine is not None:
-            self.engine.set_addresses(addresses)
+            await asyncio.to_thread(self.engine.set_addresses, addresses)
             return
         assert self.sock is not None and self.magic is not None
+        sock, divert = self.sock, self.magic.divert
+
+        def build() -> Engine:
+            eng = self._engine_factory(sock, self.flt, divert)
+            try:
+                eng.start(addresses)
+            except BaseException:
+                eng.stop()
+                raise
+            return eng
+
         try:
-            eng = self._engine_factory(self.sock, self.flt, self.magic.divert)
-            eng.start(addresses)
+            eng = await asyncio.to_thread(build)
         except APIError:
             raise
         except Exception as e:
@@ -158,10 +170,10 @@ class Backend:
         self.engine = eng
         log.info("tunnel %s up with %s", self.tun_name, ", ".join(addresses))
 
-    def _stop_engine(self) -> None:
+    async def _stop_engine(self) -> None:
         if self.engine is not None:
-            self.engine.stop()
-            self.engine = None
+            eng, self.engine = self.engine, None
+            await asyncio.to_thread(eng.stop)
             log.info("tunnel %s down", self.tun_name)
 
     def _start_session(self, client: ControlClient) -> None:
@@ -224,7 +236,7 @@ class Backend:
             s.want_running = True
             self.st.save_state()
             self.st.save_prefs()
-            self._start_engine(s.addresses)
+            await self._start_engine(s.addresses)
             self._start_session(client)
             self.backend_state = "Running"
             log.info("up: node %s (id %s, user %s)", s.name, s.node_id, res.get("user"))
@@ -235,7 +247,7 @@ class Backend:
     async def down(self) -> dict[str, Any]:
         async with self._up_lock:
             await self._stop_session()
-            self._stop_engine()
+            await self._stop_engine()
             self.st.state.want_running = False
             self.st.save_state()
             self.netmap = NetMap()
@@ -425,7 +437,7 @@ class Backend:
         return res
 
     async def _report_endpoints(self, client: ControlClient, force: bool = False) -> None:
-        eps = self._endpoints_fn(self.port)
+        eps = await asyncio.to_thread(self._endpoints_fn, self.port)  # netlink: off the loop
         if force or eps != self._reported_endpoints:
             await client.update(endpoints=eps, hostname=self._hostname())
             self._reported_endpoints = eps
@@ -477,7 +489,7 @@ class Backend:
         self.last_error = reason
         self.netmap = NetMap()
         self.disco.set_peers([], time.monotonic())
-        self._stop_engine()
+        await self._stop_engine()
         s = self.st.state
         s.node_id = None
         s.want_running = False
@@ -498,8 +510,12 @@ class Backend:
         if me is not None and (me.addresses != s.addresses or me.name != s.name):
             s.addresses, s.name = list(me.addresses), me.name
             self.st.save_state()
-        if me is not None and self.engine is not None:
-            self.engine.set_addresses(me.addresses)
+        if me is not None and self.engine is not None and not self.engine.has_addresses(
+                me.addresses):
+            task = asyncio.create_task(asyncio.to_thread(self.engine.set_addresses,
+                                                         list(me.addresses)))
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
         try:
             self.flt.set_policy(Filter.from_json(self.netmap.packet_filter))
         except (KeyError, TypeError, ValueError) as e:

@@ -133,6 +133,9 @@ class Engine:
                     self.netconf.add_address(ipaddress.ip_interface(a))
                 self._addresses.add(a)
 
+    def has_addresses(self, addresses: Sequence[str]) -> bool:
+        return set(addresses) <= self._addresses
+
     def set_peers(self, peers: Iterable[tuple[NodeKey, list[str], tuple[str, int] | None]]) -> None:
         """Make the device's peers exactly these (node key, allowed IPs, endpoint)."""
         wanted = {k.raw: (ips, ep) for k, ips, ep in peers}

@@ -1,0 +1,335 @@
+"""Issue 4 acceptance, real processes: `relaymesh control serve` + three `relaymesh daemon`s.
+
+One lab per module (hosts ctl, a, b, c on the un-NATed lab internet) keeps the run short; the
+tests run in file order and each leaves the tailnet as it found it (policy back to allow-all,
+every daemon running). The CLI talks to each daemon's unix socket from the root namespace (unix
+sockets are not per network namespace); data-plane checks run inside the hosts' namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relaymesh.lab import Lab, LabProcess, Topology
+
+pytestmark = pytest.mark.lab
+
+NODES = ("a", "b", "c")
+CTL_PORT = 8080
+WG_PORT = 41641
+ECHO_PORT = 7777
+ALLOW_ALL = '{\n  // everyone may reach everyone\n  "acls": [{"action": "accept", "src": ["*"], ' \
+            '"dst": ["*:*"]}],\n}\n'
+
+ECHO_SERVER = textwrap.dedent("""
+    import socket, sys, time
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", int(sys.argv[1]))); s.listen(16); s.settimeout(1.0)
+    print("ready", flush=True)
+    end = time.monotonic() + 600
+    while time.monotonic() < end:
+        try:
+            c, _ = s.accept()
+        except TimeoutError:
+            continue
+        c.settimeout(2.0)
+        try:
+            c.sendall(c.recv(1024))
+        except OSError:
+            pass
+        c.close()
+""")
+
+# Connect until success or the deadline; print JSON with the outcome and the time it took.
+ECHO_CLIENT = textwrap.dedent("""
+    import json, socket, sys, time
+    host, port, deadline, each = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    t0 = time.monotonic(); err = None
+    while time.monotonic() - t0 < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=each) as c:
+                c.settimeout(each)
+                c.sendall(b"hello " + host.encode())
+                data = c.recv(1024)
+            print(json.dumps({"ok": data == b"hello " + host.encode(),
+                              "elapsed": time.monotonic() - t0}))
+            sys.exit(0)
+        except OSError as e:
+            err = f"{type(e).__name__}: {e}"
+            time.sleep(0.05)
+    print(json.dumps({"ok": False, "elapsed": time.monotonic() - t0, "error": err}))
+""")
+
+
+def until(pred: Callable[[], bool], timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+class Tailnet:
+    def __init__(self, lab: Lab, root: Path) -> None:
+        self.lab = lab
+        self.root = root
+        self.ctl_state = root / "ctl"
+        self.policy_file = root / "policy.hujson"
+        self.policy_file.write_text(ALLOW_ALL)
+        self.ctl: LabProcess | None = None
+        self.daemons: dict[str, LabProcess] = {}
+        self.url = f"http://{lab.address('ctl')}:{CTL_PORT}"
+
+    # -- processes ------------------------------------------------------------------------------
+    def start_control(self) -> None:
+        self.ctl = self.lab.spawn("ctl", [
+            "relaymesh", "control", "serve", "--state-dir", str(self.ctl_state),
+            "--listen", f"0.0.0.0:{CTL_PORT}", "--policy", str(self.policy_file), "-v"],
+            name="control")
+        until(lambda: (self.ctl_state / "admin.sock").exists()
+              and "node API on" in self.ctl_output(), 20, "control server start")
+
+    def ctl_output(self) -> str:
+        return self.ctl.output() if self.ctl else ""
+
+    def stop_control(self) -> None:
+        assert self.ctl is not None
+        self.ctl.stop()
+        self.ctl = None
+
+    def sock(self, name: str) -> str:
+        return str(self.root / f"{name}.sock")
+
+    def start_daemon(self, name: str, host: str | None = None, port: int = WG_PORT,
+                     tun: str = "rm0") -> LabProcess:
+        p = self.lab.spawn(host or name, [
+            "relaymesh", "daemon", "--state-dir", str(self.root / f"{name}-state"),
+            "--socket", self.sock(name), "--tun", tun, "--port", str(port)], name=f"d-{name}")
+        until(lambda: "listening on" in p.output() or not p.alive, 20, f"daemon {name}")
+        assert p.alive, p.output()
+        self.daemons[name] = p
+        return p
+
+    def stop_daemon(self, name: str) -> None:
+        self.daemons.pop(name).stop()
+
+    # -- commands -------------------------------------------------------------------------------
+    def cli(self, name: str, *args: str, check: bool = True,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        cp = subprocess.run([sys.executable, "-m", "relaymesh", *args, "--socket",
+                             self.sock(name)], capture_output=True, text=True, timeout=timeout,
+                            check=False)
+        if check and cp.returncode != 0:
+            raise AssertionError(f"relaymesh {' '.join(args)} on {name}: {cp.stderr.strip()}")
+        return cp
+
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cp = subprocess.run([sys.executable, "-m", "relaymesh", "control", "--socket",
+                             str(self.ctl_state / "admin.sock"), *args],
+                            capture_output=True, text=True, timeout=30, check=False)
+        if check and cp.returncode != 0:
+            raise AssertionError(f"control {' '.join(args)}: {cp.stderr.strip()}")
+        return cp
+
+    def new_key(self, *flags: str) -> str:
+        out = self.admin("preauthkeys", "create", "-u", "alice", "-o", "json", *flags).stdout
+        return str(json.loads(out)["key"])
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.cli(name, "status", "--json").stdout))
+
+    def peers(self, name: str) -> dict[str, dict[str, Any]]:
+        return {p["name"]: p for p in self.status(name)["peers"]}
+
+    def ipv4(self, name: str) -> str:
+        return self.cli(name, "ip", "-4").stdout.strip()
+
+    def echo(self, src: str, dst_ip: str, deadline: float = 5.0,
+             each: float = 1.0) -> dict[str, Any]:
+        cp = self.lab.exec(src, [sys.executable, "-c", ECHO_CLIENT, dst_ip, str(ECHO_PORT),
+                                 str(deadline), str(each)], timeout=deadline + 15)
+        return dict(json.loads(cp.stdout))
+
+    def all_direct(self, names: tuple[str, ...] = NODES) -> bool:
+        for n in names:
+            ps = self.peers(n)
+            if {p for p in ps if p in names} != set(names) - {n}:
+                return False
+            if any(ps[p]["path"] != "direct" for p in names if p != n):
+                return False
+        return True
+
+
+@pytest.fixture(scope="module")
+def tailnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tailnet]:
+    topo = Topology("tailnet")
+    for h in ("ctl", *NODES):
+        topo.add_host(h)
+    lab = Lab(topo, state_dir=None)
+    lab.start()
+    try:
+        tn = Tailnet(lab, tmp_path_factory.mktemp("tailnet"))
+        tn.start_control()
+        tn.admin("users", "create", "alice")
+        key = tn.new_key("--reusable")
+        for n in NODES:
+            tn.lab.spawn(n, [sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT)], name="echo")
+            tn.start_daemon(n)
+            tn.cli(n, "up", "--login-server", tn.url, "--auth-key", key, "--hostname", n)
+        yield tn
+    finally:
+        lab.close()
+        leaks = lab.leaks()
+        if leaks:
+            pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
+
+
+def test_three_nodes_reach_each_other_by_address_and_name(tailnet: Tailnet) -> None:
+    tn = tailnet
+    until(tn.all_direct, 10, "every peer on a direct path")
+    ips = {n: tn.ipv4(n) for n in NODES}
+    assert all(ip.startswith("100.") for ip in ips.values()) and len(set(ips.values())) == 3
+    for src in NODES:
+        for dst in NODES:
+            if src != dst:
+                r = tn.echo(src, ips[dst])
+                assert r["ok"], f"{src} -> {dst}: {r}"
+    st = tn.status("a")
+    assert st["backend_state"] == "Running"
+    for p in st["peers"]:
+        assert p["path"] == "direct" and p["online"] is True
+        assert p["tx_bytes"] > 0 and p["rx_bytes"] > 0 and p["last_handshake"] is not None
+        assert p["endpoint"] is not None
+    out = tn.cli("a", "ping", "b", "-c", "2").stdout.splitlines()
+    b_ep = tn.peers("a")["b"]["endpoint"]
+    assert len(out) == 2
+    for line in out:
+        assert line.startswith(f"pong from b ({ips['b']}) via direct({b_ep}) in "), line
+        assert line.endswith(" ms")
+    ip6 = tn.cli("c", "ip", "-6").stdout.strip()
+    assert ip6.startswith("fd7a:115c:a1e0:")
+    r = tn.echo("a", ip6)  # IPv6 inside the tunnel too
+    assert r["ok"], r
+
+
+def test_policy_is_enforced_and_reloads_without_restarts(tailnet: Tailnet) -> None:
+    tn = tailnet
+    ips = {n: tn.ipv4(n) for n in NODES}
+    a_to_b = ('{"acls": [{"action": "accept", "src": ["%s"], "dst": ["%s:*"]}]}'
+              % (ips["a"], ips["b"]))
+    a_to_bc = ('{"acls": [{"action": "accept", "src": ["%s"], "dst": ["%s:*", "%s:*"]}]}'
+               % (ips["a"], ips["b"], ips["c"]))
+    try:
+        tn.policy_file.write_text(a_to_b)
+        assert tn.ctl is not None
+        tn.ctl._signal(signal.SIGHUP)
+        # A -> B works (and B's answers reach A: the echo comes back); A -> C is dropped by C
+        r = tn.echo("a", ips["b"])
+        assert r["ok"], r
+        time.sleep(1.0)  # the reload has long reached every node (< 1 s fan-out)
+        r = tn.echo("a", ips["c"], deadline=1.5, each=0.5)
+        assert not r["ok"], f"A reached C against the policy: {r}"
+        r = tn.echo("b", ips["a"], deadline=1.5, each=0.5)
+        assert not r["ok"], f"B opened a flow to A against the policy: {r}"
+        # allow A -> C in the file and reload: effective within 2 s, nothing restarted
+        tn.policy_file.write_text(a_to_bc)
+        tn.ctl._signal(signal.SIGHUP)
+        r = tn.echo("a", ips["c"], deadline=4.0, each=0.3)
+        assert r["ok"] and r["elapsed"] < 2.0, r
+        # a broken policy is refused with line and column; the old one holds
+        broken = tn.root / "broken.hujson"
+        broken.write_text('{\n  "acls": [\n    {"action": "accept", "src": ["*"] "dst": []},\n'
+                          '  ],\n}\n')
+        cp = tn.admin("policy", "set", "-f", str(broken), check=False)
+        assert cp.returncode != 0
+        assert "line 3" in cp.stderr and "column" in cp.stderr, cp.stderr
+        assert "Traceback" not in cp.stderr
+        tn.policy_file.write_text(broken.read_text())
+        tn.ctl._signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert tn.echo("a", ips["c"])["ok"]
+        assert not tn.echo("b", ips["c"], deadline=1.5, each=0.5)["ok"]
+        assert all(p.alive for p in tn.daemons.values())
+    finally:
+        tn.policy_file.write_text(ALLOW_ALL)
+        if tn.ctl is not None:
+            tn.ctl._signal(signal.SIGHUP)
+    until(lambda: tn.echo("b", ips["c"], deadline=1.0, each=0.5)["ok"], 10, "allow-all back")
+
+
+def test_bad_keys_are_refused_and_a_deleted_node_loses_its_peers(tailnet: Tailnet) -> None:
+    tn = tailnet
+    # a fourth daemon on the ctl host, fresh state dir per attempt
+    tn.start_daemon("x", host="ctl", port=WG_PORT + 1, tun="rm1")
+    try:
+        cp = tn.cli("x", "up", "--login-server", tn.url, "--auth-key", "rmauth-not-a-key",
+                    check=False)
+        assert (cp.returncode, cp.stderr) == (1, "relaymesh: auth key not found\n")
+        expired = tn.new_key("-e", "1s")
+        time.sleep(1.5)
+        cp = tn.cli("x", "up", "--login-server", tn.url, "--auth-key", expired, check=False)
+        assert (cp.returncode, cp.stderr) == (1, "relaymesh: auth key expired\n")
+        one_off = tn.new_key()
+        tn.cli("x", "up", "--login-server", tn.url, "--auth-key", one_off, "--hostname", "x")
+        tn.start_daemon("y", host="ctl", port=WG_PORT + 2, tun="rm2")
+        cp = tn.cli("y", "up", "--login-server", tn.url, "--auth-key", one_off, check=False)
+        assert (cp.returncode, cp.stderr) == (1, "relaymesh: auth key already used\n")
+        tn.stop_daemon("y")
+        until(lambda: "x" in tn.peers("a") and len(tn.peers("x")) == 3, 5, "x joined")
+        xid = tn.status("x")["self"]["id"]
+        t0 = time.monotonic()
+        tn.admin("nodes", "delete", str(xid))
+        until(lambda: tn.status("x")["peers"] == [], 2.0, "x loses its peers")
+        assert tn.status("x")["backend_state"] == "NeedsLogin"
+        until(lambda: all("x" not in tn.peers(n) for n in NODES), 2.0, "peers forget x")
+        assert time.monotonic() - t0 < 4.0
+    finally:
+        for n in ("x", "y"):
+            if n in tn.daemons:
+                tn.stop_daemon(n)
+
+
+def test_restarts_keep_nodes_users_keys_and_addresses(tailnet: Tailnet) -> None:
+    tn = tailnet
+    before = {n["name"]: n for n in json.loads(tn.admin("nodes", "list", "-o", "json").stdout)}
+    users = json.loads(tn.admin("users", "list", "-o", "json").stdout)
+    keys = json.loads(tn.admin("preauthkeys", "list", "-u", "alice", "-o", "json").stdout)
+    tn.stop_control()
+    # the data plane keeps working while the control server is down
+    ips = {n: tn.ipv4(n) for n in NODES}
+    assert tn.echo("a", ips["b"])["ok"]
+    until(lambda: not tn.status("a")["control"]["connected"], 5, "a notices")
+    tn.start_control()
+    after = {n["name"]: n for n in json.loads(tn.admin("nodes", "list", "-o", "json").stdout)}
+    for name in NODES:
+        assert after[name]["id"] == before[name]["id"]
+        assert after[name]["addresses"] == before[name]["addresses"]
+    assert json.loads(tn.admin("users", "list", "-o", "json").stdout) == users
+    keys_after = json.loads(tn.admin("preauthkeys", "list", "-u", "alice", "-o", "json").stdout)
+    assert len(keys_after) == len(keys)
+    until(lambda: all(tn.status(n)["control"]["connected"] for n in NODES), 20, "reconnect")
+    # restart a daemon: same node, same address, no auth key
+    st = tn.status("a")["self"]
+    tn.stop_daemon("a")
+    tn.start_daemon("a")
+    until(lambda: tn.status("a")["control"]["connected"], 10, "a back")
+    st2 = tn.status("a")["self"]
+    assert (st2["id"], st2["addresses"], st2["node_key"]) == (
+        st["id"], st["addresses"], st["node_key"])
+    assert tn.status("a")["backend_state"] == "Running"
+    r = tn.echo("b", ips["a"], deadline=8.0)
+    assert r["ok"], r
+    until(tn.all_direct, 10, "direct again")
