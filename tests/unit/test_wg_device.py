@@ -401,3 +401,38 @@ def test_outbound_garbage_counted() -> None:
     net, a, _ = pair()
     assert net.send(a, b"") == [] and net.send(a, b"\x45" * 10) == []
     assert a.device.drops == {"bad_outbound_packet": 2}
+
+
+def test_simultaneous_initiations_both_complete() -> None:
+    """Both sides initiate at once: each answers the other and still completes its own."""
+    net, a, b = pair()
+    net.send(a, a_to_b())
+    net.send(b, b_to_a())
+    assert [x[2][0] for x in net.in_flight] == [m.MESSAGE_INITIATION] * 2
+    net.deliver()
+    assert b.inbox == [a_to_b()] and a.inbox == [b_to_a()]
+    assert not a.device.drops and not b.device.drops  # neither response was lost
+    assert peer_of(a, b).current is not None and peer_of(b, a).current is not None
+    net.send(a, a_to_b(1))
+    net.send(b, b_to_a(1))
+    net.deliver()
+    assert b.inbox[-1] == a_to_b(1) and a.inbox[-1] == b_to_a(1)
+
+
+def test_packets_on_a_displaced_session_still_accepted() -> None:
+    """A keypair pushed out of previous/current/next by racing handshakes stays receive-only."""
+    net, a, b = pair()
+    net.send(a, a_to_b())
+    net.deliver()
+    first = peer_of(b, a).current
+    assert first is not None
+    (late,) = a.device.send_packet(a_to_b(1), net.now)  # on the first session, held back
+    for i in range(3):  # three more handshakes, alternating initiators
+        net.now += 6
+        who, other = (b, a) if i % 2 == 0 else (a, b)
+        net.in_flight.extend((who.endpoint, other.endpoint, t.data) for t in
+                             who.device.initiate_handshake(other.key.node_public(), net.now))
+        net.deliver()
+    p = peer_of(b, a)
+    assert first not in (p.previous, p.current, p.next) and first in p.retired
+    assert b.device.receive(late.data, a.endpoint, net.now).packets == [a_to_b(1)]

@@ -33,6 +33,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from relaymesh.keys import PrivateKey, PublicKey
@@ -53,6 +54,7 @@ _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 32 zero bits, 64-bit 
 _PADS = [bytes(i) for i in range(16)]  # zero padding up to the next multiple of 16 (§5.4.6)
 _TYPE_DATA = m.MESSAGE_TRANSPORT
 _DATA_MIN = m.TRANSPORT_MIN_SIZE
+MAX_RETIRED = 3  # receive-only keypairs kept per peer beyond previous/current/next
 _ROUTE_CACHE_MAX = 4096  # remembered destinations/sources per family; cleared when full
 
 
@@ -100,8 +102,8 @@ class Peer:
         "allowed_ips", "attempt_started", "cookies", "current", "endpoint", "handshake",
         "keepalive_at", "last_handshake", "last_sent_handshake", "need_another_keepalive",
         "new_handshake_at", "next", "persistent_at", "persistent_keepalive", "previous",
-        "public_key", "retransmit_at", "rx_bytes", "sent_last_minute_handshake", "staged",
-        "tx_bytes", "zero_keys_at",
+        "public_key", "retired", "retransmit_at", "rx_bytes", "sent_last_minute_handshake",
+        "staged", "tx_bytes", "zero_keys_at",
     )
 
     def __init__(self, public_key: bytes, handshake: noise.Handshake, cookies: CookieGenerator):
@@ -117,6 +119,8 @@ class Peer:
         self.current: Keypair | None = None
         self.previous: Keypair | None = None
         self.next: Keypair | None = None
+        # receive-only keypairs pushed out of the three slots (oldest dropped beyond MAX_RETIRED)
+        self.retired: list[Keypair] = []
         self.staged: collections.deque[bytes] = collections.deque(maxlen=MAX_STAGED_PACKETS)
         # timer deadlines (None = not armed)
         self.retransmit_at: float | None = None
@@ -473,17 +477,23 @@ class Device:
             return early
         msg = m.MessageInitiation.decode(d)
         peers = self.peers
+        pending: list[_PendingInitiation | None] = []
 
         def lookup(static: bytes) -> noise.Handshake | None:
             p = peers.get(static)
-            return p.handshake if p is not None else None
+            if p is None:
+                return None
+            pending.append(_PendingInitiation.save(p.handshake))  # before consume changes it
+            return p.handshake
 
         try:
             hs = noise.consume_initiation(self.identity, msg, lookup, now)
         except noise.HandshakeError as e:
             return self._drop(e.reason)
         peer = peers[hs.remote_static]
-        self._release_handshake_index(peer)  # our own pending initiation, if any, is superseded
+        ours = pending[0] if pending else None
+        if ours is None:
+            self._release_handshake_index(peer)
         if self.roaming or peer.endpoint is None:
             peer.endpoint = source
         idx = self._new_index(peer)
@@ -494,12 +504,15 @@ class Device:
         hs.local_index = None
         kp = Keypair(peer, send_key, recv_key, False, idx, remote_index, now, self.timers)
         self._index[idx] = kp
+        if ours is not None:
+            # Both sides initiated at once. The spec keeps one handshake per peer, so each side's
+            # response would find the other's state overwritten and both handshakes would fail
+            # (and, with retransmissions in step, fail again). We keep our own initiation alive
+            # too: whichever response arrives completes it, and both sessions stay usable.
+            ours.restore(hs)
         # responder: the new keypair waits in `next` until the initiator uses it
         if peer.next is not None:
-            self._discard(peer.next)
-        if peer.previous is not None:
-            self._discard(peer.previous)
-            peer.previous = None
+            self._retire(peer, peer.next)
         peer.next = kp
         peer.rx_bytes += len(d)
         peer.tx_bytes += len(data)
@@ -529,17 +542,20 @@ class Device:
         hs.local_index = None
         kp = Keypair(peer, send_key, recv_key, True, idx, remote_index, now, self.timers)
         self._index[idx] = kp
-        # initiator: the new keypair is current at once (wireguard-go BeginSymmetricSession)
+        # initiator: the new keypair is current at once (wireguard-go BeginSymmetricSession).
+        # wireguard-go has three slots and deletes what does not fit; we keep a few more,
+        # receive-only, so that when handshakes race the peer may still send on a session we
+        # displaced (it switches only when it completes or confirms a newer one).
         if peer.next is not None:
-            if peer.current is not None:
-                self._discard(peer.current)
             if peer.previous is not None:
-                self._discard(peer.previous)
+                self._retire(peer, peer.previous)
+            if peer.current is not None:
+                self._retire(peer, peer.current)
             peer.previous = peer.next
             peer.next = None
         else:
             if peer.previous is not None:
-                self._discard(peer.previous)
+                self._retire(peer, peer.previous)
             peer.previous = peer.current
         peer.current = kp
         if self.roaming or peer.endpoint is None:
@@ -628,6 +644,15 @@ class Device:
         if self._index.get(kp.local_index) is kp:
             del self._index[kp.local_index]
 
+    def _retire(self, peer: Peer, kp: Keypair) -> None:
+        """Keep ``kp`` for receiving only (until REJECT_AFTER_TIME or MAX_RETIRED newer ones)."""
+        retired = peer.retired
+        retired.append(kp)
+        if len(retired) > MAX_RETIRED:
+            oldest = min(retired, key=_created)
+            retired.remove(oldest)
+            self._discard(oldest)
+
     def _session_derived(self, peer: Peer, now: float) -> None:
         peer.zero_keys_at = now + 3 * self.timers.reject_after_time
 
@@ -640,7 +665,7 @@ class Device:
     def _confirm_next(self, peer: Peer, now: float, out: list[Transmit]) -> None:
         """The initiator used our `next` keypair: it becomes current (whitepaper §5.4.5 note)."""
         if peer.previous is not None:
-            self._discard(peer.previous)
+            self._retire(peer, peer.previous)
         peer.previous = peer.current
         peer.current = peer.next
         peer.next = None
@@ -659,10 +684,11 @@ class Device:
 
     def _zero_keys(self, peer: Peer) -> None:
         """Forget every keypair and the handshake state (3 * REJECT_AFTER_TIME of silence)."""
-        for kp in (peer.previous, peer.current, peer.next):
+        for kp in (peer.previous, peer.current, peer.next, *peer.retired):
             if kp is not None:
                 self._discard(kp)
         peer.previous = peer.current = peer.next = None
+        peer.retired.clear()
         self._release_handshake_index(peer)
         peer.handshake.zero()
         peer.retransmit_at = None
@@ -682,9 +708,10 @@ class Device:
             return []
         t = self.timers
         if not retry:
+            peer.attempt_started = now  # new demand: try for another REKEY_ATTEMPT_TIME, as
+            # wireguard-go resets its attempt count on every non-retry initiation
             if peer.retransmit_at is not None:
                 return []  # an attempt is running; its retransmit timer will retry
-            peer.attempt_started = now
             nxt = peer.next
             if nxt is not None and now - nxt.created < t.rekey_timeout:
                 # We just answered the peer's initiation: its first data packet will confirm our
@@ -759,6 +786,31 @@ class Device:
         if kp is None or not self._usable(kp, now):
             return self._initiate(peer, now)
         return [self._encrypt(peer, kp, b"", now)]
+
+
+@dataclass(slots=True)
+class _PendingInitiation:
+    """Our in-flight initiation's state, kept across answering the peer's own initiation."""
+
+    hash: bytes
+    chain_key: bytes
+    local_ephemeral: X25519PrivateKey | None
+    local_index: int
+
+    @classmethod
+    def save(cls, hs: noise.Handshake) -> _PendingInitiation | None:
+        if hs.state is not noise.State.INITIATION_CREATED or hs.local_index is None:
+            return None
+        return cls(hs.hash, hs.chain_key, hs.local_ephemeral, hs.local_index)
+
+    def restore(self, hs: noise.Handshake) -> None:
+        hs.state = noise.State.INITIATION_CREATED
+        hs.hash, hs.chain_key, hs.local_index = self.hash, self.chain_key, self.local_index
+        hs.local_ephemeral = self.local_ephemeral
+
+
+def _created(kp: Keypair) -> float:
+    return kp.created
 
 
 def _never() -> bool:
