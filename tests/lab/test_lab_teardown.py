@@ -74,8 +74,10 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_building_process_tears_down(sig: signal.Signals) -> None:
+@pytest.mark.parametrize(("sig", "repeat"), [(signal.SIGTERM, 1), (signal.SIGINT, 1),
+                                             (signal.SIGTERM, 5), (signal.SIGINT, 5)])
+def test_signal_to_the_building_process_tears_down(sig: signal.Signals, repeat: int) -> None:
+    """One signal, or a burst (an impatient Ctrl-C Ctrl-C ...) that lands during teardown."""
     child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -84,7 +86,9 @@ def test_signal_to_the_building_process_tears_down(sig: signal.Signals) -> None:
         assert len(line) == 2, child.stderr.read() if child.stderr else ""
         run_id, pid = line[0], int(line[1])
         assert run_namespaces(run_id) and _pid_alive(pid)
-        child.send_signal(sig)
+        for _ in range(repeat):
+            child.send_signal(sig)
+            time.sleep(0.01)
         rc = child.wait(30)
     finally:
         if child.poll() is None:
