@@ -1,0 +1,395 @@
+"""The peer relay's UDP shell: one socket, one plain thread, the sans-IO core in between.
+
+Why a plain thread and not asyncio: a per-datagram asyncio callback costs ~29 us on this class of
+machine, a ``recvfrom_into``/``sendto`` loop ~7-10 us (shared/design/MEASUREMENTS.md), and the relay
+does nothing per packet but one dict lookup. So the loop waits in ``poll``, then drains the socket
+until it would block, in batches of ``BATCH``:
+
+1. receive up to ``BATCH`` datagrams into preallocated buffers (``MSG_DONTWAIT``; with UDP GRO one
+   receive may hold several same-flow datagrams back to back, split by the segment size);
+2. under ``lock`` (shared with the control side: allocations, metrics, listing): one clock read,
+   then per datagram ``RelayServer.forward`` (data: a destination or a counted drop) or, for a
+   control packet (header control bit), ``RelayServer.handle_datagram`` (bind handshake replies);
+   ``RelayServer.expire`` when ``expire_interval`` has passed;
+3. outside the lock, send: data packets unmodified (a memoryview into the receive buffer, no copy),
+   runs of same-destination, same-size packets as ONE ``sendmsg`` with UDP GSO when the socket
+   supports it (the kernel cuts the run into datagrams).
+
+Nothing raises out of the loop: a failing syscall or a core bug on one packet is a counted drop
+(``RelayUDP.counters.drops``, by reason; the core's own drops stay in ``RelayServer.drops``).
+
+Addresses given to the core are ``(ip, port)`` with plain dotted IPv4 even on the dual-stack socket
+(``::ffff:a.b.c.d`` is unmapped), so a bound address compares equal however it was learnt.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from relaymesh.relay.header import CONTROL_BIT, HEADER_LEN
+from relaymesh.relay.session import Addr, RelayServer
+from relaymesh.wireguard.datapath import (
+    GRO_CMSG_SPACE,
+    GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
+    V4_MAPPED,
+    open_udp_socket,
+)
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # datagrams per receive burst and lock hold: bounds the delay added to the first one
+RECV_BUFSIZE = 65535  # a (GRO-coalesced) UDP receive can be this large
+EXPIRE_INTERVAL = 1.0  # s between RelayServer.expire calls; lifetimes are 30 s and 300 s
+ADDR_CACHE_MAX = 4096  # bounds the sockaddr<->Addr caches against spoofed-source floods
+_GSO_UNSUPPORTED = frozenset({errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+
+
+class Counters:
+    """Shell counters; only the loop thread writes them, so plain ints need no lock."""
+
+    __slots__ = (
+        "control_packets",
+        "drops",
+        "forwarded_bytes",
+        "forwarded_packets",
+        "replies",
+        "rx_bytes",
+        "rx_packets",
+    )
+
+    def __init__(self) -> None:
+        self.rx_packets = 0  # datagrams received (GRO segments counted one by one)
+        self.rx_bytes = 0
+        self.forwarded_packets = 0  # data packets sent on to the other side
+        self.forwarded_bytes = 0
+        self.control_packets = 0  # given to handle_datagram
+        self.replies = 0  # control replies sent (challenges)
+        self.drops: collections.Counter[str] = collections.Counter()
+
+    def as_dict(self) -> dict[str, int]:
+        d = {k: int(getattr(self, k)) for k in self.__slots__ if k != "drops"}
+        d.update({f"drop_{k}": v for k, v in self.drops.items()})
+        return d
+
+
+def _try_udp_option(sock: socket.socket, option: int, value: int) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, option, value)
+    except OSError:
+        return False
+    return True
+
+
+class RelayUDP:
+    """Runs a :class:`RelayServer` on one UDP socket until :meth:`stop`.
+
+    ``lock`` guards the core: hold it (``with shell.lock:``) for every other call into the server
+    (allocation, metrics, session listing). ``sock`` may be given (e.g. created in another network
+    namespace); otherwise a dual-stack socket is bound to ``host``:``port`` (0 = any free port).
+    """
+
+    def __init__(
+        self,
+        server: RelayServer,
+        port: int = 0,
+        *,
+        host: str = "",
+        sock: socket.socket | None = None,
+        lock: threading.Lock | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        offload: bool = True,
+        expire_interval: float = EXPIRE_INTERVAL,
+    ) -> None:
+        self.server = server
+        self.sock = sock if sock is not None else open_udp_socket(port, host)
+        self.lock = lock or threading.Lock()
+        self.clock = clock
+        self.expire_interval = expire_interval
+        self.counters = Counters()
+        self._v6 = self.sock.family == socket.AF_INET6
+        # UDP GSO/GRO: fewer syscalls per forwarded packet where the kernel offers them
+        self._gso = offload and _try_udp_option(self.sock, UDP_SEGMENT, 0)
+        self._gro = offload and _try_udp_option(self.sock, UDP_GRO, 1)
+        self._addr_in: dict[Any, Addr] = {}
+        self._addr_out: dict[Addr, Any] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = threading.Event()
+        self._unpaused = threading.Event()
+        self._unpaused.set()
+        self._thread: threading.Thread | None = None
+        self._next_expire = 0.0
+        self._errors_logged: collections.Counter[str] = collections.Counter()
+
+    # ---- control side -------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The bound UDP port (the real one when 0 was asked for)."""
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def offloads(self) -> dict[str, bool]:
+        return {"gso": self._gso, "gro": self._gro}
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("relay shell already started")
+        self.sock.setblocking(True)  # sends block (backpressure); receives use MSG_DONTWAIT
+        self._next_expire = self.clock() + self.expire_interval
+        self._thread = threading.Thread(target=self._guard, name="relay-udp", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop (idempotent) and close the socket and the wake pipe."""
+        self._stopping.set()
+        self._unpaused.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self.sock.close()
+
+    def pause(self) -> None:
+        """Stop reading the socket until :meth:`resume` (tests prove the kernel path with it)."""
+        self._unpaused.clear()
+        self._wake()
+
+    def resume(self) -> None:
+        self._unpaused.set()
+        self._wake()
+
+    def stats(self) -> dict[str, int]:
+        """Shell counters plus the core's drop reasons (prefixed ``core_drop_``)."""
+        d = self.counters.as_dict()
+        with self.lock:
+            d.update({f"core_drop_{k}": int(v) for k, v in self.server.drops.items()})
+        return d
+
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    # ---- addresses ----------------------------------------------------------------------------
+    def _addr(self, sa: Any) -> Addr:
+        a = self._addr_in.get(sa)
+        if a is None:
+            ip: str = sa[0]
+            if ip.startswith(V4_MAPPED) and "." in ip:
+                ip = ip[len(V4_MAPPED) :]
+            a = (ip, int(sa[1]))
+            if len(self._addr_in) >= ADDR_CACHE_MAX:
+                self._addr_in.clear()
+            self._addr_in[sa] = a
+        return a
+
+    def _sockaddr(self, addr: Addr) -> Any:
+        sa = self._addr_out.get(addr)
+        if sa is None:
+            ip, port = addr
+            if self._v6 and ":" not in ip:
+                ip = V4_MAPPED + ip
+            sa = (ip, port)
+            if len(self._addr_out) >= ADDR_CACHE_MAX:
+                self._addr_out.clear()
+            self._addr_out[addr] = sa
+        return sa
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def _guard(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # a bug in the loop must not kill the relay silently
+            log.exception("relay UDP loop died")
+            self.counters.drops["loop_died"] += 1
+
+    def _count_error(self, reason: str, e: BaseException) -> None:
+        self.counters.drops[reason] += 1
+        self._errors_logged[reason] += 1
+        n = self._errors_logged[reason]
+        if n & (n - 1) == 0:  # log the 1st, 2nd, 4th... occurrence: visible, not a flood
+            log.warning("relay: %s (%d so far): %s: %s", reason, n, type(e).__name__, e)
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        bufs = [bytearray(RECV_BUFSIZE) for _ in range(BATCH)]
+        views = [memoryview(b) for b in bufs]
+        stopping = self._stopping.is_set
+        timeout_ms = max(1, int(self.expire_interval * 1000))
+        while not stopping():
+            if not self._unpaused.is_set():
+                self._unpaused.wait(0.1)
+                self._drain_wake()
+                continue
+            for fd, _ in poller.poll(timeout_ms):
+                if fd == self._wake_r:
+                    self._drain_wake()
+            while self._drain(bufs, views) == BATCH and not stopping():
+                if not self._unpaused.is_set():
+                    break
+            self._maybe_expire()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+
+    def _maybe_expire(self) -> None:
+        now = self.clock()
+        if now < self._next_expire:
+            return
+        self._next_expire = now + self.expire_interval
+        with self.lock:
+            try:
+                self.server.expire(now)
+            except Exception as e:  # pragma: no cover - a core bug, counted not raised
+                self._count_error("core_expire_error", e)
+
+    def _receive(self, bufs: list[bytearray]) -> list[tuple[int, Any, int]]:
+        got: list[tuple[int, Any, int]] = []  # (bytes, source sockaddr, segment size)
+        try:
+            if self._gro:
+                recvmsg_into, anc_size = self.sock.recvmsg_into, GRO_CMSG_SPACE
+                for buf in bufs:
+                    n, anc, _, sa = recvmsg_into([buf], anc_size, socket.MSG_DONTWAIT)
+                    seg = n
+                    for level, kind, data in anc:
+                        if level == SOL_UDP and kind == UDP_GRO:
+                            seg = int.from_bytes(data, sys.byteorder) or n
+                    got.append((n, sa, seg))
+            else:
+                recv_into = self.sock.recvfrom_into
+                for buf in bufs:
+                    n, sa = recv_into(buf, RECV_BUFSIZE, socket.MSG_DONTWAIT)
+                    got.append((n, sa, n))
+        except BlockingIOError:
+            pass
+        except OSError as e:  # e.g. ECONNREFUSED from an ICMP error for an earlier send
+            self._count_error("recv_error", e)
+        return got
+
+    def _drain(self, bufs: list[bytearray], views: list[memoryview]) -> int:
+        """One batch: receive, decide under the lock, send. Returns how many receives it did."""
+        got = self._receive(bufs)
+        if not got:
+            return 0
+        c = self.counters
+        srv = self.server
+        forward = srv.forward
+        addr_of = self._addr
+        sockaddr = self._sockaddr
+        out: list[tuple[memoryview | bytes, Any]] = []
+        nrx = 0
+        nbytes = 0
+        with self.lock:
+            now = self.clock()
+            for i, (total, sa, seg) in enumerate(got):
+                nbytes += total
+                if total == 0:
+                    c.drops["empty"] += 1
+                    continue
+                source = addr_of(sa)
+                view = views[i]
+                for off in range(0, total, seg):
+                    end = off + seg
+                    d = view[off : end if end < total else total]
+                    nrx += 1
+                    if len(d) >= HEADER_LEN and d[1] & CONTROL_BIT:
+                        c.control_packets += 1
+                        try:
+                            replies = srv.handle_datagram(bytes(d), source, now)
+                        except Exception as e:  # the core promises not to raise; count if it does
+                            self._count_error("core_error", e)
+                            continue
+                        for pkt, dest in replies:
+                            out.append((pkt, sockaddr(dest)))
+                            c.replies += 1
+                        continue
+                    try:
+                        to = forward(cast(bytes, d), source, now)
+                    except Exception as e:
+                        self._count_error("core_error", e)
+                        continue
+                    if to is not None:
+                        out.append((d, sockaddr(to)))
+            if now >= self._next_expire:
+                self._next_expire = now + self.expire_interval
+                try:
+                    srv.expire(now)
+                except Exception as e:  # pragma: no cover
+                    self._count_error("core_expire_error", e)
+        c.rx_packets += nrx
+        c.rx_bytes += nbytes
+        if out:
+            self._send(out)
+        return len(got)
+
+    def _send(self, out: list[tuple[memoryview | bytes, Any]]) -> None:
+        """Send; runs of one destination and one size (the last may be shorter) go as one GSO
+        ``sendmsg`` with one iovec per datagram, so nothing is copied."""
+        c = self.counters
+        sendto = self.sock.sendto
+        sendmsg = self.sock.sendmsg
+        i, count = 0, len(out)
+        while i < count:
+            data, sa = out[i]
+            size = len(data)
+            j = i + 1
+            if self._gso and size:
+                limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+                while j < count and j - i < limit:
+                    d2, sa2 = out[j]
+                    n2 = len(d2)
+                    if n2 > size or sa2 != sa or n2 == 0:
+                        break
+                    j += 1
+                    if n2 < size:
+                        break  # a shorter datagram can only end a run
+            try:
+                if j - i == 1:
+                    sendto(data, sa)
+                else:
+                    seg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+                    sendmsg([d for d, _ in out[i:j]], seg, 0, sa)
+            except OSError as e:
+                if j - i > 1 and e.errno in _GSO_UNSUPPORTED:
+                    log.info("relay: UDP GSO send failed (%s); disabling it", e)
+                    self._gso = False
+                    continue  # resend this run without GSO
+                self._count_error("send_error", e)
+                i = j
+                continue
+            except (ValueError, TypeError) as e:
+                self._count_error("send_error", e)
+                i = j
+                continue
+            # control replies are counted apart; forwarded = data packets that left
+            for d, _ in out[i:j]:
+                if isinstance(d, memoryview):
+                    c.forwarded_packets += 1
+                    c.forwarded_bytes += len(d)
+            i = j

@@ -1,0 +1,273 @@
+"""The relay's UDP shell over loopback: bind handshake, forwarding, drops, malformed input."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from relaymesh import disco, relay
+from relaymesh.keys import PrivateKey
+from relaymesh.relay import RelayLimits, RelayServer
+from relaymesh.relay.udp import RelayUDP
+
+TIMEOUT = 2.0
+SO_RCVBUFFORCE = 33  # <asm/socket.h>
+
+
+class Client:
+    """A client socket on loopback that binds with BindClient and sends relay-framed packets."""
+
+    def __init__(self, key: PrivateKey, relay_port: int) -> None:
+        self.key = key
+        self.relay = ("127.0.0.1", relay_port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:  # root may exceed rmem_max: a burst must not overflow the receiver
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(TIMEOUT)
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        name = self.sock.getsockname()
+        return (name[0], name[1])
+
+    def bind(self, ep: disco.RelayEndpoint, gen: int = 1, answer_from: Client | None = None,
+             tamper: bool = False) -> None:
+        bc = relay.BindClient(self.key, ep, gen)
+        self.sock.sendto(bc.bind_packet(), self.relay)
+        challenge, _ = self.sock.recvfrom(2048)
+        answer = bc.handle_packet(challenge)
+        if tamper:  # a well-sealed answer whose MAC is not the one the relay issued
+            _, msg = disco.open_sealed(memoryview(challenge)[relay.HEADER_LEN:], self.key)
+            assert isinstance(msg, disco.Challenge)
+            bad = bytes([msg.mac[0] ^ 1]) + msg.mac[1:]
+            forged = disco.Answer(ep.session_id, gen, bc.other, bad)
+            answer = answer[: relay.HEADER_LEN] + disco.seal(forged, self.key, ep.server_disco)
+        (answer_from or self).sock.sendto(answer, self.relay)
+
+    def recv(self, timeout: float = TIMEOUT) -> bytes | None:
+        self.sock.settimeout(timeout)
+        try:
+            return bytes(self.sock.recv(65535))
+        except TimeoutError:
+            return None
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+class World:
+    def __init__(self, offload: bool, limits: RelayLimits | None = None) -> None:
+        self.relay_key = PrivateKey.generate()
+        self.server = RelayServer(self.relay_key, time.monotonic(), limits=limits)
+        self.shell = RelayUDP(self.server, 0, host="127.0.0.1", offload=offload)
+        self.server.candidates = [(IPv4Address("127.0.0.1"), self.shell.port)]
+        self.shell.start()
+        self.a = Client(PrivateKey.generate(), self.shell.port)
+        self.b = Client(PrivateKey.generate(), self.shell.port)
+        self.clients = [self.a, self.b]
+
+    def allocate(self) -> disco.RelayEndpoint:
+        with self.shell.lock:
+            resp = self.server.handle_allocate(self.a.key.disco_public(),
+                                               self.b.key.disco_public(), 1,
+                                               time.monotonic(), allowed=True)
+        assert resp is not None
+        return resp.endpoint
+
+    def bound(self) -> disco.RelayEndpoint:
+        ep = self.allocate()
+        self.a.bind(ep)
+        self.b.bind(ep)
+        assert wait_for(lambda: self.state(ep) is relay.State.BOUND)
+        return ep
+
+    def state(self, ep: disco.RelayEndpoint) -> relay.State | None:
+        with self.shell.lock:
+            st = self.server.session_stats(ep.session_id)
+        return None if st is None else st.state
+
+    def drops(self) -> dict[str, int]:
+        with self.shell.lock:
+            return dict(self.server.drops)
+
+    def close(self) -> None:
+        self.shell.stop()
+        for c in self.clients:
+            c.sock.close()
+
+
+@pytest.fixture(params=[True, False], ids=["offload", "no-offload"])
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    w = World(offload=request.param)
+    yield w
+    w.close()
+
+
+def data(ep: disco.RelayEndpoint, payload: bytes) -> bytes:
+    return relay.encode_header(ep.session_id, relay.PROTO_WIREGUARD) + payload
+
+
+def test_port_zero_reports_the_bound_port(world: World) -> None:
+    assert world.shell.port != 0
+    assert world.shell.sock.getsockname()[1] == world.shell.port
+
+
+def test_bound_pair_forwards_unmodified_both_ways(world: World) -> None:
+    ep = world.bound()
+    a_to_b = data(ep, b"\x04" + bytes(range(256)) * 5)
+    world.a.sock.sendto(a_to_b, world.a.relay)
+    assert world.b.recv() == a_to_b
+    b_to_a = data(ep, b"pong")
+    world.b.sock.sendto(b_to_a, world.b.relay)
+    assert world.a.recv() == b_to_a
+    st = world.shell.counters
+    assert wait_for(lambda: st.forwarded_packets == 2)
+    assert st.forwarded_bytes == len(a_to_b) + len(b_to_a)
+
+
+def test_burst_is_forwarded_in_order_and_counted(world: World) -> None:
+    ep = world.bound()
+    pkts = [data(ep, i.to_bytes(4, "big") + bytes(1392)) for i in range(100)]
+    for p in pkts:
+        world.a.sock.sendto(p, world.a.relay)
+    got = []
+    while (p2 := world.b.recv(1.0)) is not None:
+        got.append(p2)
+        if len(got) == len(pkts):
+            break
+    assert got == pkts  # loopback, one flow: nothing lost, order kept
+    with world.shell.lock:
+        st = world.server.session_stats(ep.session_id)
+    assert st is not None and st.packets[0 if st.clients[0] == world.a.key.disco_public() else 1] \
+        == 100
+
+
+def test_no_forwarding_before_both_sides_are_bound(world: World) -> None:
+    ep = world.allocate()
+    world.a.bind(ep)
+    assert wait_for(lambda: world.state(ep) is relay.State.HALF_BOUND)
+    world.a.sock.sendto(data(ep, b"early"), world.a.relay)
+    assert wait_for(lambda: world.drops().get("not_bound", 0) == 1)
+    assert world.b.recv(0.2) is None
+
+
+def test_wrong_mac_does_not_bind(world: World) -> None:
+    ep = world.allocate()
+    world.a.bind(ep, tamper=True)
+    assert wait_for(lambda: world.drops().get("bad_mac", 0) == 1)
+    assert world.state(ep) is relay.State.ALLOCATED
+
+
+def test_answer_from_another_source_is_refused(world: World) -> None:
+    ep = world.allocate()
+    other = Client(world.a.key, world.shell.port)
+    world.clients.append(other)
+    world.a.bind(ep, answer_from=other)  # the MAC covers the source the challenge went to
+    assert wait_for(lambda: world.drops().get("bad_mac", 0) == 1)
+    assert world.state(ep) is relay.State.ALLOCATED
+
+
+def test_data_from_an_unbound_address_is_dropped(world: World) -> None:
+    ep = world.bound()
+    intruder = Client(PrivateKey.generate(), world.shell.port)
+    world.clients.append(intruder)
+    intruder.sock.sendto(data(ep, b"spoof"), intruder.relay)
+    assert wait_for(lambda: world.drops().get("unbound_source", 0) == 1)
+    assert world.a.recv(0.2) is None and world.b.recv(0.05) is None
+
+
+def test_malformed_input_is_counted_and_the_loop_survives(world: World) -> None:
+    ep = world.bound()
+    junk = [b"", b"x", b"\x00" * 7, b"\x00\x80\x52\x44\x00\x00\x01\x00", b"\xff" * 100,
+            relay.encode_header(ep.session_id, relay.PROTO_DISCO, control=True) + b"garbage",
+            data(ep, b"")[:4]]
+    for j in junk:
+        world.a.sock.sendto(j, world.a.relay)
+    assert wait_for(lambda: world.shell.counters.rx_packets >= len(junk))
+    assert world.shell.running
+    drops = world.drops()
+    assert drops.get("short", 0) >= 3  # 1, 7 and 4 bytes
+    assert drops.get("unknown_session", 0) + drops.get("bad_disco", 0) >= 2
+    assert world.shell.counters.drops.get("empty", 0) == 1
+    # still forwarding afterwards
+    world.a.sock.sendto(data(ep, b"after"), world.a.relay)
+    assert world.b.recv() == data(ep, b"after")
+
+
+def test_rebind_from_a_new_port_moves_the_binding(world: World) -> None:
+    ep = world.bound()
+    moved = Client(world.a.key, world.shell.port)
+    world.clients.append(moved)
+    moved.bind(ep, gen=2)
+    assert wait_for(lambda: world.a.addr not in _addrs(world, ep) and moved.addr in
+                    _addrs(world, ep))
+    world.b.sock.sendto(data(ep, b"to-new"), world.b.relay)
+    assert moved.recv() == data(ep, b"to-new")
+    world.a.sock.sendto(data(ep, b"old"), world.a.relay)
+    assert wait_for(lambda: world.drops().get("unbound_source", 0) == 1)
+
+
+def _addrs(world: World, ep: disco.RelayEndpoint) -> tuple[object, ...]:
+    with world.shell.lock:
+        st = world.server.session_stats(ep.session_id)
+    return () if st is None else st.addrs
+
+
+def test_expire_runs_on_the_timer_without_traffic() -> None:
+    w = World(offload=True, limits=RelayLimits(bind_lifetime=0.2))
+    w.shell.expire_interval = 0.05
+    try:
+        ep = w.allocate()
+        assert w.state(ep) is relay.State.ALLOCATED
+        assert wait_for(lambda: w.state(ep) is None, timeout=3.0)
+    finally:
+        w.close()
+
+
+def test_dual_stack_socket_unmaps_ipv4_sources() -> None:
+    relay_key = PrivateKey.generate()
+    server = RelayServer(relay_key, time.monotonic())
+    shell = RelayUDP(server, 0)  # default: dual-stack "::" when IPv6 exists
+    server.candidates = [(IPv4Address("127.0.0.1"), shell.port)]
+    shell.start()
+    a = Client(PrivateKey.generate(), shell.port)
+    b = Client(PrivateKey.generate(), shell.port)
+    try:
+        with shell.lock:
+            resp = server.handle_allocate(a.key.disco_public(), b.key.disco_public(), 1,
+                                          time.monotonic(), allowed=True)
+        assert resp is not None
+        a.bind(resp.endpoint)
+        b.bind(resp.endpoint)
+
+        def addrs() -> tuple[object, ...]:
+            with shell.lock:
+                st = server.session_stats(resp.endpoint.session_id)
+            return () if st is None else st.addrs
+
+        assert wait_for(lambda: set(addrs()) == {a.addr, b.addr})  # plain dotted IPv4
+        a.sock.sendto(data(resp.endpoint, b"v4 over v6 socket"), a.relay)
+        assert b.recv() == data(resp.endpoint, b"v4 over v6 socket")
+    finally:
+        shell.stop()
+        a.sock.close()
+        b.sock.close()
+
+
+def test_stop_closes_the_socket_and_thread(world: World) -> None:
+    world.shell.stop()
+    assert not world.shell.running
+    assert world.shell.sock.fileno() == -1
