@@ -115,10 +115,10 @@ def lab() -> Iterator[Lab]:
 class Driver:
     """Runs our Device on the UDP socket; `offset` shifts the core's clock (to skip to a rekey)."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, under_load: bool = False) -> None:
         self.lab = lab
         self.offset = 0.0
-        self.dev = Device(lab.our_key, wall_clock=time.time)
+        self.dev = Device(lab.our_key, wall_clock=time.time, under_load=lambda: under_load)
         self.dev.set_peer(lab.go_key.node_public(), allowed_ips=["10.99.0.1/32", "fd99::1/128"],
                           endpoint=(lab.outer_go, GO_PORT))
 
@@ -180,6 +180,18 @@ def test_wireguard_go_initiates(lab: Lab) -> None:
     got = d.ping4(5)  # we answer as responder
     assert len(got) == 1 and is_echo_reply_v4(got[0], 5)
     assert not d.dev.drops
+
+
+def test_our_cookie_reply_makes_wireguard_go_retry_with_mac2(lab: Lab) -> None:
+    """Under load we answer wireguard-go's initiation with a cookie reply; its retransmission
+    (REKEY_TIMEOUT later) carries a mac2 made with that cookie, which we accept."""
+    d = Driver(lab, under_load=True)
+    _sh("ip", "netns", "exec", lab.ns, "python3", "-c",
+        "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+        ".sendto(b'from-go', ('10.99.0.2', 9999))")
+    (pkt,) = d.pump(timeout=10.0)
+    assert pkt.endswith(b"from-go")
+    assert d.dev.drops == {"under_load": 1}  # the first initiation got a cookie reply
 
 
 def test_rekey_initiated_by_us_is_accepted(lab: Lab) -> None:
