@@ -7,7 +7,7 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relaymesh.wireguard.allowedips import AllowedIPs
+from relaymesh.wireguard.allowedips import AllowedIPs, format_prefix, parse_prefix
 
 
 def test_longest_prefix_wins_v4_and_v6() -> None:
@@ -71,3 +71,13 @@ def test_lookup_matches_brute_force(entries: list, addrs: list) -> None:  # type
     probes = [n.network_address for n in model] + addrs
     for a in probes:
         assert table.lookup(a.packed) == model_lookup(model, a)
+
+
+@given(st.one_of(prefix_v4.map(lambda p: f"{ipaddress.IPv4Address(p[0])}/{p[1]}"),
+                 prefix_v6.map(lambda p: f"{ipaddress.IPv6Address(p[0])}/{p[1]}")))
+def test_prefix_codec_round_trip(text: str) -> None:
+    version, addr, plen = parse_prefix(text)
+    canon = format_prefix(version, addr, plen)
+    assert parse_prefix(canon) == (version, addr, plen)  # canonical form is a fixed point
+    net = ipaddress.ip_network(text, strict=False)
+    assert canon == str(net) and addr == int(net.network_address)

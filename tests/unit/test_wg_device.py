@@ -436,3 +436,15 @@ def test_packets_on_a_displaced_session_still_accepted() -> None:
     p = peer_of(b, a)
     assert first not in (p.previous, p.current, p.next) and first in p.retired
     assert b.device.receive(late.data, a.endpoint, net.now).packets == [a_to_b(1)]
+
+
+def test_padding_capped_at_mtu() -> None:
+    net = MemoryNet()
+    a, b = net.add("a", mtu=1420), net.add("b")
+    net.link(a, b, A_IPS, B_IPS)
+    net.send(a, a_to_b())
+    net.deliver()
+    pkt = ipv4_packet("10.0.0.1", "10.0.0.2", bytes(1415 - 20))
+    (t,) = a.device.send_packet(pkt, net.now)
+    assert len(t.data) - m.TRANSPORT_MIN_SIZE == 1420  # not 1424: wireguard-go never pads past MTU
+    assert b.device.receive(t.data, a.endpoint, net.now).packets == [pkt]
