@@ -96,6 +96,7 @@ class Backend:
         self._reported_endpoints: list[str] | None = None
         self._up_lock = asyncio.Lock()
         self._bg: set[asyncio.Task[None]] = set()
+        self._engine_fresh = False  # the next map's peers get a handshake right away
         if not state.state.node_id:
             self.backend_state = "NeedsLogin"
         else:
@@ -168,6 +169,7 @@ class Backend:
         except Exception as e:
             raise APIError(500, f"cannot bring up the tunnel {self.tun_name}: {e}") from None
         self.engine = eng
+        self._engine_fresh = True
         log.info("tunnel %s up with %s", self.tun_name, ", ".join(addresses))
 
     async def _stop_engine(self) -> None:
@@ -526,8 +528,10 @@ class Backend:
         self._apply_path_policies()
         if self.engine is not None:
             self.engine.set_peers(
-                (n.node_key, n.host_routes(), self._endpoint_for(n, now)) for n in peers
+                [(n.node_key, n.host_routes(), self._endpoint_for(n, now)) for n in peers],
+                initiate_new=self._engine_fresh,
             )
+            self._engine_fresh = False
         if msg.get("type") == "full":
             self._first_map.set()
         log.info("map v%d: %d peer(s), %d filter rule(s)", self.netmap.version, len(peers),

@@ -136,20 +136,38 @@ class Engine:
     def has_addresses(self, addresses: Sequence[str]) -> bool:
         return set(addresses) <= self._addresses
 
-    def set_peers(self, peers: Iterable[tuple[NodeKey, list[str], tuple[str, int] | None]]) -> None:
-        """Make the device's peers exactly these (node key, allowed IPs, endpoint)."""
+    def set_peers(
+        self,
+        peers: Iterable[tuple[NodeKey, list[str], tuple[str, int] | None]],
+        *,
+        initiate_new: bool = False,
+    ) -> None:
+        """Make the device's peers exactly these (node key, allowed IPs, endpoint).
+
+        ``initiate_new`` starts a handshake with each added peer at once. A freshly started
+        engine does this: a peer that still holds a session from our previous run would keep
+        sending on it (we drop it: unknown index) until its own rekey timer fires (15 s);
+        our initiation replaces that session right away.
+        """
         wanted = {k.raw: (ips, ep) for k, ips, ep in peers}
 
-        def apply(dev: Device, now: float) -> None:
+        def apply(dev: Device, now: float) -> list[Transmit]:
+            out: list[Transmit] = []
             for raw in [raw for raw in dev.peers if raw not in wanted]:
                 dev.remove_peer(raw)
                 self._endpoints.pop(raw, None)
             for raw, (ips, ep) in wanted.items():
+                new = raw not in dev.peers
                 dev.set_peer(raw, allowed_ips=ips, endpoint=ep)
                 if ep is not None:
                     self._endpoints[raw] = ep
+                if new and initiate_new and ep is not None:
+                    out += dev.initiate_handshake(raw, now)
+            return out
 
-        self.datapath.call(lambda d, now: apply(self.device, now))
+        transmits = self.datapath.call(lambda d, now: apply(self.device, now))
+        if transmits:
+            self.datapath.transmit(transmits)
 
     def set_endpoint(self, key: NodeKey, ep: tuple[str, int]) -> None:
         if self._endpoints.get(key.raw) == ep:
