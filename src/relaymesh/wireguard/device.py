@@ -9,8 +9,10 @@ asyncio or time.
 Per peer the device keeps up to three keypairs (whitepaper §6.1, wireguard-go ``Keypairs``):
 ``current`` (used to send), ``previous`` (still accepted, so packets in flight across a rekey are
 not lost) and ``next`` (a responder's fresh keypair, used for sending only once the initiator has
-proven it holds it by sending the first data packet with it). Received packets find their keypair
-through the receiver index table (random 32-bit indices, shared with pending handshakes).
+proven it holds it by sending the first data packet with it), plus up to MAX_RETIRED receive-only
+keypairs displaced by racing handshakes. Received packets find their keypair through the receiver
+index table (random 32-bit indices, shared with pending handshakes). docs/protocol-wireguard.md
+lists where this departs from wireguard-go (simultaneous initiations, retired keypairs).
 
 Timers, all deadlines on the caller's ``now`` (whitepaper §6, names from wireguard-go's timers.go):
 retransmit (REKEY_TIMEOUT + jitter after an initiation, given up after REKEY_ATTEMPT_TIME),
