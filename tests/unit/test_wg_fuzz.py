@@ -96,6 +96,7 @@ def check_one(node: Node, datagram: bytes, now: float) -> None:
             assert p[0] >> 4 in (4, 6)
 
 
+@pytest.mark.timeout(0)  # `make fuzz` runs 200k examples: longer than the suite's 300 s limit
 @pytest.mark.parametrize("under_load", [False, True])
 def test_fuzz_receive(under_load: bool) -> None:
     net, _a, b, corpus = build(under_load)

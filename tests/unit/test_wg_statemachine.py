@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ def packet(src: Node, seq: int) -> bytes:
     return ipv4_packet(s, d, f"{src.name}:{seq}".encode())
 
 
+@pytest.mark.timeout(0)  # scales with RELAYMESH_FUZZ_EXAMPLES (large under `make fuzz`)
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(step, max_size=40), st.randoms(use_true_random=False))
 def test_random_schedules_are_safe_and_recover(steps: list[Any], rnd: Any) -> None:
