@@ -55,7 +55,8 @@ ECHO_SERVER = textwrap.dedent("""
 # Connect until success or the deadline; print JSON with the outcome and the time it took.
 ECHO_CLIENT = textwrap.dedent("""
     import json, socket, sys, time
-    host, port, deadline, each = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    host, port = sys.argv[1], int(sys.argv[2])
+    deadline, each = float(sys.argv[3]), float(sys.argv[4])
     t0 = time.monotonic(); err = None
     while time.monotonic() - t0 < deadline:
         try:
@@ -228,10 +229,11 @@ def test_three_nodes_reach_each_other_by_address_and_name(tailnet: Tailnet) -> N
 def test_policy_is_enforced_and_reloads_without_restarts(tailnet: Tailnet) -> None:
     tn = tailnet
     ips = {n: tn.ipv4(n) for n in NODES}
-    a_to_b = ('{"acls": [{"action": "accept", "src": ["%s"], "dst": ["%s:*"]}]}'
-              % (ips["a"], ips["b"]))
-    a_to_bc = ('{"acls": [{"action": "accept", "src": ["%s"], "dst": ["%s:*", "%s:*"]}]}'
-               % (ips["a"], ips["b"], ips["c"]))
+    def acl(*dsts: str) -> str:
+        rule = {"action": "accept", "src": [ips["a"]], "dst": [f"{ips[d]}:*" for d in dsts]}
+        return json.dumps({"acls": [rule]})
+
+    a_to_b, a_to_bc = acl("b"), acl("b", "c")
     try:
         tn.policy_file.write_text(a_to_b)
         assert tn.ctl is not None

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_node_localapi import FakeBackend
 
 from relaymesh.cli import cli
 from relaymesh.node.backend import APIError
 from relaymesh.node.localapi import close, make_app, serve
-
-from test_node_localapi import FakeBackend
 
 
 @pytest.fixture

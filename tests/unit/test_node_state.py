@@ -64,7 +64,7 @@ def test_corrupt_key_is_refused_without_echoing_it(tmp_path: Path) -> None:
 def test_corrupt_state_json_names_the_file(tmp_path: Path) -> None:
     StateDir(tmp_path)
     (tmp_path / "state.json").write_text("{not json")
-    with pytest.raises(StateError, match="state.json"):
+    with pytest.raises(StateError, match=r"state\.json"):
         StateDir(tmp_path)
 
 

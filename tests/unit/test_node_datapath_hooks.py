@@ -1,0 +1,132 @@
+"""The two datapath hooks the node daemon uses: ``divert`` (disco) and ``inbound_filter``.
+
+A fake core treats datagrams starting with byte 4 (WireGuard transport type) as data carrying one
+plaintext packet (the rest of the datagram), from a fixed fake peer.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from relaymesh.disco import MAGIC
+from relaymesh.wireguard.datapath import Datapath, open_udp_socket
+from relaymesh.wireguard.tun import MemoryTun
+
+PEER = object()
+
+
+@dataclass(slots=True)
+class Rx:
+    transmits: list[Any] = field(default_factory=list)
+    packets: list[bytes] = field(default_factory=list)
+    peer: object | None = None
+
+
+class Core:
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def send_packet(self, ip_packet: bytes, now: float) -> list[Any]:
+        return []
+
+    def receive(self, datagram: memoryview, source: Hashable, now: float) -> Rx:
+        d = bytes(datagram)
+        self.seen.append(d)
+        return Rx(packets=[d[1:]], peer=PEER) if d[:1] == b"\x04" else Rx()
+
+    def tick(self, now: float) -> list[Any]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+
+Setup = Callable[..., tuple[Datapath, Core, MemoryTun, Callable[[bytes], None]]]
+
+
+@pytest.fixture
+def setup() -> Iterator[Setup]:
+    made: list[tuple[Datapath, MemoryTun, socket.socket, socket.socket]] = []
+
+    def make(**hooks: Any) -> tuple[Datapath, Core, MemoryTun, Callable[[bytes], None]]:
+        sock = open_udp_socket(0, "127.0.0.1")
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx.bind(("127.0.0.1", 0))
+        core, tun = Core(), MemoryTun()
+        dp = Datapath(core, tun, sock, **hooks)
+        dp.start()
+        made.append((dp, tun, sock, tx))
+        port = sock.getsockname()[1]
+        return dp, core, tun, lambda data: tx.sendto(data, ("127.0.0.1", port))
+
+    yield make
+    for dp, tun, sock, tx in made:
+        dp.stop()
+        tun.close()
+        sock.close()
+        tx.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_divert_takes_disco_and_leaves_wireguard_to_the_core(setup: Setup) -> None:
+    got: list[tuple[bytes, tuple[str, int]]] = []
+    main = threading.get_ident()
+    threads: set[int] = set()
+
+    def divert(data: bytes, src: tuple[str, int]) -> bool:
+        threads.add(threading.get_ident())
+        got.append((data, src))
+        return data.startswith(MAGIC)
+
+    _, core, tun, send = setup(divert=divert)
+    disco = MAGIC + b"x" * 80
+    send(disco)
+    send(b"\x04\x00\x00\x00packet")
+    assert wait_for(lambda: tun.delivered(0.01) is not None)
+    assert wait_for(lambda: len(got) == 1)
+    assert got[0][0] == disco and isinstance(got[0][0], bytes)  # a copy, not a view
+    assert got[0][1][0] == "127.0.0.1"  # source unmapped from ::ffff:
+    assert core.seen == [b"\x04\x00\x00\x00packet"]  # the core never saw the disco datagram
+    assert main not in threads
+
+
+def test_divert_returning_false_passes_the_datagram_to_the_core(setup: Setup) -> None:
+    _, core, _, send = setup(divert=lambda data, src: False)
+    send(b"garbage")
+    assert wait_for(lambda: core.seen == [b"garbage"])
+
+
+def test_inbound_filter_drops_and_counts(setup: Setup) -> None:
+    seen_peers: list[object] = []
+
+    def flt(packet: bytes, peer: object) -> bool:
+        seen_peers.append(peer)
+        if packet == b"boom":
+            raise RuntimeError("filter bug")
+        return packet.startswith(b"ok")
+
+    dp, _, tun, send = setup(inbound_filter=flt)
+    for p in (b"no-1", b"boom", b"ok-1"):
+        send(b"\x04" + p)
+    assert wait_for(lambda: len(seen_peers) == 3)
+    assert tun.delivered(2.0) == b"ok-1"
+    assert tun.delivered(0.2) is None
+    stats = dp.stats()
+    assert stats["drop_filtered"] == 2  # the refused packet and the one whose filter raised
+    assert stats["drop_filter_error"] == 1
+    assert seen_peers == [PEER] * 3
