@@ -114,12 +114,14 @@ class RelayUDP:
         clock: Callable[[], float] = time.monotonic,
         offload: bool = True,
         expire_interval: float = EXPIRE_INTERVAL,
+        on_control: Callable[[], None] | None = None,
     ) -> None:
         self.server = server
         self.sock = sock if sock is not None else open_udp_socket(port, host)
         self.lock = lock or threading.Lock()
         self.clock = clock
         self.expire_interval = expire_interval
+        self.on_control = on_control  # called (outside the lock) after a batch with control packets
         self.counters = Counters()
         self._v6 = self.sock.family == socket.AF_INET6
         # UDP GSO/GRO: fewer syscalls per forwarded packet where the kernel offers them
@@ -305,6 +307,7 @@ class RelayUDP:
         out: list[tuple[memoryview | bytes, Any]] = []
         nrx = 0
         nbytes = 0
+        ncontrol = 0
         with self.lock:
             now = self.clock()
             for i, (total, sa, seg) in enumerate(got):
@@ -320,6 +323,7 @@ class RelayUDP:
                     nrx += 1
                     if len(d) >= HEADER_LEN and d[1] & CONTROL_BIT:
                         c.control_packets += 1
+                        ncontrol += 1
                         try:
                             replies = srv.handle_datagram(bytes(d), source, now)
                         except Exception as e:  # the core promises not to raise; count if it does
@@ -346,6 +350,11 @@ class RelayUDP:
         c.rx_bytes += nbytes
         if out:
             self._send(out)
+        if ncontrol and self.on_control is not None:
+            try:
+                self.on_control()
+            except Exception as e:
+                self._count_error("on_control_error", e)
         return len(got)
 
     def _send(self, out: list[tuple[memoryview | bytes, Any]]) -> None:
