@@ -134,3 +134,13 @@ def test_ip_flags_are_exclusive(daemon: tuple[FakeBackend, str]) -> None:
     assert code == 2 and "exclusive" in err
     code, out, _ = run("ip", "--socket", sock)
     assert out == "100.64.0.1\nfd7a:115c:a1e0::1\n"
+
+
+def test_daemon_startup_errors_are_one_line(tmp_path: Path) -> None:
+    code, _, err = run("daemon", "--state-dir", "/proc/1/nonexistent/x",
+                       "--socket", str(tmp_path / "d.sock"))
+    assert code == 1
+    assert err.startswith("relaymesh: state dir /proc/1/nonexistent/x: ")
+    assert err.count("\n") == 1
+    code, _, err = run("daemon", "--state-dir", str(tmp_path / "s"), "--tun", "bad/name")
+    assert code == 2 and "--tun" in err

@@ -71,3 +71,4 @@ def test_corrupt_state_json_names_the_file(tmp_path: Path) -> None:
 def test_unknown_fields_in_state_are_ignored(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text('{"node_id": 3, "from_the_future": 1}')
     assert StateDir(tmp_path).state.node_id == 3
+

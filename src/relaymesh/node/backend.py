@@ -47,6 +47,12 @@ UP_WAIT_FOR_MAP = 5.0  # s: `up` returns after the first full map or this long
 DEFAULT_PING_TIMEOUT = 5.0  # s, reference ping timeout
 
 
+def backoff_delay(attempt: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+    """Seconds to wait before reconnect ``attempt`` (0-based): BACKOFF_BASE * 2**attempt capped
+    at BACKOFF_CAP, times a jitter factor in [0.5, 1] so nodes do not reconnect in lockstep."""
+    return float(min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt, 16)) * uniform(0.5, 1.0))
+
+
 class APIError(Exception):
     """An error for the local API: HTTP status and a one-line message."""
 
@@ -473,15 +479,15 @@ class Backend:
                     log.warning("control: refused: %s", e)
                     await self._logged_out(str(e))
                     return
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
-                attempt = min(attempt + 1, 16)
+                delay = backoff_delay(attempt)
+                attempt += 1
                 log.warning("control: %s; retrying in %.1f s", e, delay)
             except MapError as e:
                 self.control_connected = False
                 self.last_error = f"bad map: {e}"
                 log.warning("control: bad map message (%s); reconnecting", e)
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
-                attempt = min(attempt + 1, 16)
+                delay = backoff_delay(attempt)
+                attempt += 1
             await asyncio.sleep(delay)
 
     async def _logged_out(self, reason: str) -> None:
