@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -191,3 +192,49 @@ async def test_deleted_node_loses_its_peers(
     await until(lambda: b.backend.status()["backend_state"] == "NeedsLogin", 2.0)
     assert b.backend.status()["peers"] == [] and b.backend.engine is None
     await until(lambda: "b" not in peers_by_name(a.backend), 2.0)
+
+
+async def test_logs_never_contain_keys(
+        tmp_path: Path, control: tuple[ControlServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    srv, key = control
+    caplog.set_level(logging.DEBUG)
+    nodes = [await start_node(tmp_path, n) for n in ("k1", "k2", "k3")]
+    try:
+        for n, name in zip(nodes[:2], ("k1", "k2"), strict=True):
+            await n.backend.up({"login_server": srv.url, "auth_key": key, "hostname": name})
+        await until(lambda: peers_by_name(nodes[0].backend).get("k2", {}).get("path") == "direct")
+        await nodes[0].backend.ping("k2", 1, 2.0)
+        with pytest.raises(APIError):
+            await nodes[2].backend.up({"login_server": srv.url, "auth_key": "rmauth-secret-x"})
+    finally:
+        for n in nodes:
+            await n.backend.close()
+    text = "\n".join(r.getMessage() for r in caplog.records
+                     if r.name.startswith(("relaymesh.daemon", "relaymesh.node", "relaymesh.magic",
+                                           "relaymesh.wireguard", "aiohttp")))
+    assert "map v" in text  # the daemon did log
+    secrets = [key, "rmauth-secret-x"]
+    for n in nodes:
+        st = n.backend.st
+        for k in (st.node_key, st.disco_key, st.machine_key):
+            secrets += [k.raw.hex(), k.to_base64()]
+    leaked = [s[:8] for s in secrets if s in text]
+    assert leaked == []
+
+
+async def test_down_then_up_needs_no_auth_key(
+        tmp_path: Path, control: tuple[ControlServer, str]) -> None:
+    srv, key = control
+    n = await start_node(tmp_path, "d")
+    try:
+        st = await n.backend.up({"login_server": srv.url, "auth_key": key, "hostname": "d"})
+        st = await n.backend.down()
+        assert st["backend_state"] == "Stopped" and n.backend.engine is None
+        assert n.backend.st.state.want_running is False
+        st2 = await n.backend.up({})  # login server remembered, machine known
+        assert st2["backend_state"] == "Running" and n.backend.engine is not None
+        assert st2["self"]["id"] == st["self"]["id"]
+        assert st2["self"]["addresses"] == st["self"]["addresses"]
+    finally:
+        await n.backend.close()
