@@ -183,10 +183,11 @@ def main() -> int:
         rr and gg) else ""
     print("\n" + text + ratio)
     if not args.no_docs:
-        cmd = "sudo .venv/bin/python bench/wg_throughput.py " + " ".join(
+        cmd = ".venv/bin/python bench/wg_throughput.py " + " ".join(
             shlex.quote(a) for a in sys.argv[1:])
         body = (
-            "## WireGuard throughput (bench/wg_throughput.py)\n\n"
+            f"### WireGuard throughput: {args.pairs}, threads={args.threads}, "
+            f"UDP GSO/GRO {'off' if args.no_offload else 'on'}\n\n"
             f"Command: `{cmd.strip()}`  \n"
             f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on "
             f"{os.cpu_count()} vCPUs ({platform.machine()}, Linux {platform.release()}); "
