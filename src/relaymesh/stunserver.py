@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from relaymesh import stun
 
@@ -53,8 +53,7 @@ class StunServer(asyncio.DatagramProtocol):
         self.drops = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # 3.11's is no subclass
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         reply = stun_reply(data, (str(addr[0]), int(addr[1])))

@@ -70,7 +70,8 @@ class Raw:
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.address[1]))
         reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: derp\r\nConnection: Upgrade\r\n\r\n")
+        writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: derp\r\n"
+                     b"Connection: Upgrade\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 ")
         return cls(reader, writer)
@@ -342,7 +343,7 @@ async def test_metrics_text_parses_and_counts(server: DerpServer) -> None:
         assert sample(s, "relaymesh_derp_drops_total", reason="unknown_dest") == 1
         assert sample(s, "relaymesh_derp_drops_total", reason="queue_full") == 0
         # A separate metrics listener takes /metrics off the DERP port.
-        host, port = await server.start_metrics("127.0.0.1", 0)
+        _host, port = await server.start_metrics("127.0.0.1", 0)
         resp = await _http(server, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n", port)
         assert resp.startswith(b"HTTP/1.1 200 ")
         gone = await _http(server, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
@@ -364,8 +365,8 @@ def test_metrics_parser_rejects_malformed_text() -> None:
 
 
 async def test_two_meshed_servers_relay_between_their_clients() -> None:
-    cfg1, cfg2 = DerpServerConfig(mesh_key="region-secret"), DerpServerConfig(mesh_key="region-secret")
-    s1, s2 = DerpServer(PrivateKey.generate(), config=cfg1), DerpServer(PrivateKey.generate(), config=cfg2)
+    s1 = DerpServer(PrivateKey.generate(), config=DerpServerConfig(mesh_key="region-secret"))
+    s2 = DerpServer(PrivateKey.generate(), config=DerpServerConfig(mesh_key="region-secret"))
     await s1.start("127.0.0.1", 0)
     await s2.start("127.0.0.1", 0)
     s1.add_mesh_peer(url_of(s2))
@@ -398,7 +399,8 @@ async def test_wrong_mesh_key_is_an_ordinary_client() -> None:
     await s1.start("127.0.0.1", 0)
     intruder = await client(s1, mesh_key="wrong", watch_conns=True)
     try:
-        await wait_for(lambda: s1.metrics.drops[DropReason.NOT_MESH_PEER] == 1, what="watch refused")
+        await wait_for(lambda: s1.metrics.drops[DropReason.NOT_MESH_PEER] == 1,
+                       what="watch-conns refused")
         assert intruder.node_key in s1.client_keys  # admitted (AllowAll) but not as a mesh peer
         assert not s1._watchers
     finally:

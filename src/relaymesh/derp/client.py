@@ -468,7 +468,10 @@ class DerpClient:
 
 async def probe_latency(url: str, *, count: int = 3, timeout: float = 2.0,
                         ssl_context: ssl.SSLContext | None = None) -> float:
-    """Best of ``count`` ``GET /derp/probe`` round trips on one connection, in seconds."""
+    """Best of ``count`` ``GET /derp/probe`` round trips on one connection, in seconds.
+
+    Raises DerpError when the server cannot be reached or answers something else.
+    """
     u = DerpURL.parse(url)
 
     async def run() -> float:
@@ -499,7 +502,7 @@ async def probe_latency(url: str, *, count: int = 3, timeout: float = 2.0,
 
     try:
         return await asyncio.wait_for(run(), timeout)
-    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
             ValueError) as e:
         raise DerpError(f"probe of {u.hostport} failed: {e!r}") from e
 
@@ -519,7 +522,7 @@ async def measure_regions(derp_map: Mapping[str, Any], *, count: int = 3, timeou
     for rid, task in jobs:
         try:
             rtt = await task
-        except (DerpError, OSError):
+        except DerpError:
             continue
         best = out[rid]
         out[rid] = rtt if best is None else min(best, rtt)
