@@ -149,13 +149,18 @@ def stopper() -> Iterator[list[Endpoint]]:
         stop(ep)
 
 
-def check_clean_exit(ep: Endpoint) -> None:
-    """relaymesh must exit 0 on SIGTERM, log no key material and show no traceback."""
+def check_clean_exit(lab: Lab, ep: Endpoint) -> None:
+    """relaymesh must exit 0 on SIGTERM, remove its interface, log no key material and show no
+    traceback."""
+    assert lab.exec(ep.host, ["ip", "link", "show", ep.ifname], check=False).returncode == 0
     rc = stop(ep)
     out = ep.proc.output() if ep.proc else ""
     assert rc == 0, out[-2000:]
     assert "Traceback" not in out
     assert ep.key.to_base64() not in out
+    assert lab.exec(ep.host, ["ip", "link", "show", ep.ifname], check=False).returncode != 0
+    routes = "".join(lab.exec(ep.host, ["ip", fam, "route"]).stdout for fam in ("-4", "-6"))
+    assert ep.ifname not in routes
 
 
 def test_relaymesh_initiates_pings_transfers_v6_and_rekeys(
@@ -188,7 +193,7 @@ def test_relaymesh_initiates_pings_transfers_v6_and_rekeys(
     assert rm.proc is not None
     assert rm.proc.output().count("handshake completed") >= 2, rm.proc.output()[-2000:]
     ping_both_ways(lab, rm, wg)
-    check_clean_exit(rm)
+    check_clean_exit(lab, rm)
 
 
 def test_wireguard_go_initiates(lab: Lab, stopper: list[Endpoint]) -> None:
@@ -206,4 +211,4 @@ def test_wireguard_go_initiates(lab: Lab, stopper: list[Endpoint]) -> None:
     transfer(lab, wg, rm, 10 * MB)
     transfer(lab, rm, wg, 10 * MB)
     transfer(lab, wg, rm, 5 * MB, v6=True, port=5002)
-    check_clean_exit(rm)
+    check_clean_exit(lab, rm)
