@@ -530,6 +530,7 @@ class Backend:
             log.warning("packet filter from the map is malformed (%s); keeping the old one", e)
         now = time.monotonic()
         peers = list(self.netmap.peers.values())
+        self._last_tx = {pid: v for pid, v in self._last_tx.items() if pid in self.netmap.peers}
         self._send(self.disco.set_peers(peers, now))
         self._apply_path_policies()
         if self.engine is not None:
