@@ -49,6 +49,17 @@ class NetConf:
         self._routes: list[IPNetwork] = []
         self._was_up = False
 
+    def disable_ipv6_autoconf(self) -> None:
+        """No IPv6 link-local address (addr_gen_mode 1 = none), as the kernel's wireguard does: a
+        layer-3 tunnel has no use for one, and it would only send router solicitations that the
+        core drops as unroutable. Best effort: IPv6 may be off entirely."""
+        path = f"/proc/sys/net/ipv6/conf/{self.ifname}/addr_gen_mode"
+        try:
+            with open(path, "w") as f:
+                f.write("1")
+        except OSError as e:
+            log.debug("cannot set %s: %s", path, e)
+
     def set_mtu(self, mtu: int) -> None:
         self._do(f"set MTU {mtu}", self._ipr.link, "set", index=self.index, mtu=mtu)
 
@@ -95,6 +106,7 @@ class NetConf:
         self, *, mtu: int, addresses: Iterable[IPInterface], routes: Iterable[IPNetwork]
     ) -> None:
         """The `wg up` sequence: MTU, addresses, link up, then routes (they need the link up)."""
+        self.disable_ipv6_autoconf()
         self.set_mtu(mtu)
         for a in addresses:
             self.add_address(a)
