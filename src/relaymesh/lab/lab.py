@@ -69,6 +69,7 @@ STUN_PORT = 3478
 # The shaper's TUN pair inside an impaired host.
 SHAPER_IN, SHAPER_OUT = "rmsh0", "rmsh1"
 SHAPER_TABLE = "100"
+SHAPER_MARK = "0x524d"  # "RM": marks the host's own packets leaving through eth0
 _TEARDOWN_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _EXEC_LOG_LIMIT = 4000  # characters of each exec's output kept in the host log
 
@@ -518,9 +519,22 @@ class Lab:
         _wait_for_line(proc, "ready", 10)
         for fam in ("-4", "-6"):
             ip(ns, fam, "route", "add", "default", "dev", SHAPER_IN, "table", SHAPER_TABLE)
-            # "iif lo" matches only locally originated packets: the shaper's re-injected packets
-            # (iif rmsh1) take the main table and leave through eth0.
-            ip(ns, fam, "rule", "add", "iif", "lo", "lookup", SHAPER_TABLE, "pref", "100")
+            ip(ns, fam, "rule", "add", "fwmark", SHAPER_MARK, "lookup", SHAPER_TABLE, "pref", "100")
+        # Only packets the host itself sends out of eth0 are shaped: the output route chain marks
+        # them, which makes the kernel route them again, now by the fwmark rule into rmsh0. Traffic
+        # routed elsewhere (a WireGuard TUN, loopback) is untouched, so a tunnel's inner packets
+        # are not impaired twice. The shaper's re-injected packets carry no mark (a TUN write is a
+        # new packet) and are forwarded by the main table out of eth0.
+        ns_exec(ns, "nft", "-f", "-", input=(
+            "table inet rmshaper {\n"
+            "  chain out {\n"
+            "    type route hook output priority mangle; policy accept;\n"
+            # Link-local and multicast stay on eth0 (neighbour discovery must not be delayed).
+            f'    oifname "eth0" ip daddr != 224.0.0.0/3 meta mark set {SHAPER_MARK}\n'
+            '    oifname "eth0" ip6 daddr != { fe80::/10, ff00::/8 }'
+            f" meta mark set {SHAPER_MARK}\n"
+            "  }\n"
+            "}\n"))
 
     # -- state for the CLI ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
