@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "relaymesh.cli.set",
     "relaymesh.cli.get",
     "relaymesh.cli.netcheck",
+    "relaymesh.cli.derp",
 ]
 
 

@@ -35,6 +35,7 @@ import os
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relaymesh.derp import frames as F
@@ -609,3 +610,29 @@ class DerpServer:
             stun_drops=self.stun.drops if self.stun else 0,
         )
 
+
+
+KEY_FILE = "derp.key"  # in the state dir: the server's private key (the DERP map may pin it)
+KEY_FILE_MODE = 0o600  # private key: owner only
+STATE_DIR_MODE = 0o700
+
+
+def load_or_create_server_key(state_dir: Path) -> PrivateKey:
+    """The server key from ``state_dir/derp.key`` (``privkey:hex``), created 0600 if absent.
+
+    A stable key matters: clients pin it from the DERP map, and a restart must not change it.
+    A key file readable by others is tightened to 0600 rather than refused.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
+    path = state_dir / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            log.warning("%s was readable by others: mode set to 0600", path)
+            os.chmod(path, KEY_FILE_MODE)
+        return PrivateKey.parse(path.read_text())
+    key = PrivateKey.generate()
+    with os.fdopen(fd, "w") as f:
+        f.write(key.to_text() + "\n")
+    return key
