@@ -198,6 +198,15 @@ def tailnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tailnet]:
             pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request: pytest.FixtureRequest, tailnet: Tailnet) -> None:
+    """Let tests/lab/conftest.py attach every host's output to a failing test's report (it
+    looks for the labs of a test in the item stash under its key)."""
+    key = getattr(sys.modules.get("conftest"), "_LABS_KEY", None)
+    if key is not None:
+        request.node.stash[key] = [tailnet.lab]
+
+
 def test_three_nodes_reach_each_other_by_address_and_name(tailnet: Tailnet) -> None:
     tn = tailnet
     until(tn.all_direct, 10, "every peer on a direct path")
