@@ -221,8 +221,10 @@ def _run(
         )
         for pk in endpoints:  # like `wg up` with a known endpoint: handshake now, not on 1st packet
             dp.transmit(dp.call(_initiator(pk)))
-        _watch(dp, stop)
+        healthy = _watch(dp, stop)
         log.info("%s: shutting down; counters %s", tun.name, dp.stats())
+        if not healthy:
+            _fail("datapath stopped unexpectedly (see the log above)")
     finally:
         for obj in reversed(cleanup):
             try:
@@ -241,13 +243,14 @@ def _initiator(public_key: bytes) -> Any:
     return initiate
 
 
-def _watch(dp: Any, stop: threading.Event) -> None:
-    """Foreground loop: log new handshakes (by short key) until a signal or the datapath dies."""
+def _watch(dp: Any, stop: threading.Event) -> bool:
+    """Foreground loop: log new handshakes (by short key) until a signal (True) or until the
+    datapath dies (False)."""
     seen: dict[bytes, float | None] = {}
     while not stop.wait(STATUS_INTERVAL):
         if not dp.running:
             log.error("datapath stopped unexpectedly")
-            break
+            return False
 
         def snapshot(dev: Any, now: float) -> list[tuple[bytes, float | None, Any]]:
             return [(pk, p.last_handshake, p.endpoint) for pk, p in dev.peers.items()]
@@ -256,3 +259,4 @@ def _watch(dp: Any, stop: threading.Event) -> None:
             if last is not None and seen.get(pk) != last:
                 log.info("peer %s: handshake completed (endpoint %s)", _short(pk), endpoint)
             seen[pk] = last
+    return True
