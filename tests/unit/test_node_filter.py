@@ -111,12 +111,12 @@ def test_conntrack_is_bounded_and_evicts_least_recently_used() -> None:
     flt = InboundFilter(Filter(), ct)
     for port in (1, 2, 3):
         flt.note_outbound(udp(A, B, port, 53), 0.0)
-    flt.note_outbound(udp(A, B, 1, 53), 0.5)  # port 1 becomes most recent
-    flt.note_outbound(udp(A, B, 4, 53), 1.0)  # evicts port 2
+    flt.note_outbound(udp(A, B, 1, 53), 5.0)  # port 1 becomes most recent
+    flt.note_outbound(udp(A, B, 4, 53), 6.0)  # evicts port 2
     assert len(ct) == 3
-    assert flt.allow(udp(B, A, 53, 1), 2.0)
-    assert not flt.allow(udp(B, A, 53, 2), 2.0)
-    assert flt.allow(udp(B, A, 53, 4), 2.0)
+    assert flt.allow(udp(B, A, 53, 1), 7.0)
+    assert not flt.allow(udp(B, A, 53, 2), 7.0)
+    assert flt.allow(udp(B, A, 53, 4), 7.0)
 
 
 def test_set_policy_replaces_the_rules() -> None:
@@ -132,3 +132,16 @@ def test_non_first_fragment_passes_because_its_first_fragment_was_judged() -> No
     flt = node_b_filter()
     assert not flt.allow(first, 0.0)  # the first fragment carries ports: C may not connect
     assert flt.allow(frag, 0.0)
+
+
+def test_fast_and_general_paths_share_conntrack_keys() -> None:
+    flt = InboundFilter(Filter())
+    flt.note_outbound(udp(A, B, 5000, 53), 0.0)  # fast path (plain IPv4 UDP)
+    reply = udp(B, A, 53, 5000)
+    with_options = bytes([0x46]) + reply[1:20] + b"\x01\x01\x01\x00" + reply[20:]  # IHL 6, NOPs
+    assert parse_flow(with_options) is not None
+    assert flt.allow(with_options, 1.0)  # general path finds the fast path's entry
+    flt.note_outbound(bytes([0x46]) + udp(A, C, 6000, 53)[1:20] + b"\x01" * 4
+                      + udp(A, C, 6000, 53)[20:], 0.0)  # general path
+    assert flt.allow(udp(C, A, 53, 6000), 1.0)  # fast path finds the general path's entry
+

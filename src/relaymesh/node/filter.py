@@ -37,6 +37,7 @@ ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY = 128, 129  # RFC 4443
 IPV6_SKIPPABLE = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
 IPV6_FRAGMENT = 44
 MAX_EXT_HEADERS = 8  # bound the extension header walk
+REFRESH_GRANULARITY = 1.0  # s: a flow's timestamp/LRU position is rewritten at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,32 +118,73 @@ def parse_flow(p: bytes | memoryview) -> Flow | None:
     return Flow(version, src, dst, proto, None, None)
 
 
-ConnKey = tuple[int, bytes, int, bytes, int]  # proto, local ip, local port, remote ip, remote port
+def _key(proto: int, local: bytes, remote: bytes, lport: int, rport: int) -> bytes:
+    """Conntrack key: proto (1) + local ip + remote ip + local port (2) + remote port (2).
+
+    For IPv4 TCP/UDP with a 20-byte header, the outbound key is exactly ``packet[9:10] +
+    packet[12:24]``, which is what makes the per-packet fast path one slice.
+    """
+    return bytes((proto,)) + local + remote + lport.to_bytes(2, "big") + rport.to_bytes(2, "big")
+
+
+def _v4_simple(p: bytes) -> bool:
+    """IPv4, 20-byte header, TCP or UDP, not a non-first fragment: the common data packet."""
+    return (
+        len(p) >= 24
+        and p[0] == 0x45
+        and (p[9] == 6 or p[9] == 17)
+        and not (p[6] & 0x1F or p[7])  # fragment offset (13 bits) is zero
+    )
 
 
 class ConnTrack:
-    """Outbound flows this node started, least recently used first, bounded and expiring."""
+    """Outbound flows this node started, least recently used first, bounded and expiring.
+
+    A flow's timestamp and LRU position are refreshed at most every ``REFRESH_GRANULARITY`` s, so
+    the per-packet cost is one dict lookup (recency is accurate to that granularity).
+    """
 
     def __init__(self, max_flows: int = CONNTRACK_MAX, ttl: float = CONNTRACK_TTL) -> None:
         self.max_flows = max_flows
         self.ttl = ttl
-        self._flows: collections.OrderedDict[ConnKey, float] = collections.OrderedDict()
+        self._flows: collections.OrderedDict[bytes, float] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._flows)
+
+    def touch(self, key: bytes, now: float) -> None:
+        """Record (or refresh) an outbound flow."""
+        flows = self._flows
+        seen = flows.get(key)
+        if seen is None:
+            if len(flows) >= self.max_flows:
+                flows.popitem(last=False)
+            flows[key] = now
+        elif now - seen > REFRESH_GRANULARITY:
+            flows[key] = now
+            flows.move_to_end(key)
+
+    def check(self, reply_key: bytes, now: float) -> bool:
+        """Whether an inbound packet with this (reversed) key answers a live flow."""
+        flows = self._flows
+        seen = flows.get(reply_key)
+        if seen is None:
+            return False
+        age = now - seen
+        if age > self.ttl:
+            del flows[reply_key]
+            return False
+        if age > REFRESH_GRANULARITY:
+            flows[reply_key] = now
+            flows.move_to_end(reply_key)
+        return True
 
     def note_outbound(self, f: Flow, now: float) -> None:
         if f.sport is None or f.dport is None:
             return  # portless protocols and non-first fragments are not tracked
         if f.icmp_type is not None and not f.is_echo_request:
             return  # only echo requests start an ICMP "flow"
-        key = (f.proto, f.src, f.sport, f.dst, f.dport)
-        flows = self._flows
-        if key in flows:
-            flows.move_to_end(key)
-        elif len(flows) >= self.max_flows:
-            flows.popitem(last=False)
-        flows[key] = now
+        self.touch(_key(f.proto, f.src, f.dst, f.sport, f.dport), now)
 
     def is_reply(self, f: Flow, now: float) -> bool:
         """Whether inbound ``f`` answers a live outbound flow (refreshing it if so)."""
@@ -150,21 +192,16 @@ class ConnTrack:
             return False
         if f.icmp_type is not None and not f.is_echo_reply:
             return False
-        key = (f.proto, f.dst, f.dport, f.src, f.sport)
-        seen = self._flows.get(key)
-        if seen is None:
-            return False
-        if now - seen > self.ttl:
-            del self._flows[key]
-            return False
-        self._flows[key] = now
-        self._flows.move_to_end(key)
-        return True
+        return self.check(_key(f.proto, f.dst, f.src, f.dport, f.sport), now)
 
 
 class InboundFilter:
     """Policy filter + conntrack. The datapath calls :meth:`allow` and :meth:`note_outbound`
-    under its device lock, so the two never run at the same time."""
+    under its device lock, so the two never run at the same time.
+
+    Both have a fast path for the common packet (IPv4, TCP/UDP, no options, not a fragment):
+    the conntrack key is sliced straight from the header, with no parsing into objects.
+    """
 
     def __init__(self, policy: PolicyFilter | None = None, conntrack: ConnTrack | None = None):
         self.policy = policy if policy is not None else PolicyFilter()  # no map yet: deny new
@@ -175,12 +212,21 @@ class InboundFilter:
         self.policy = policy  # one reference swap: safe against the datapath thread
 
     def note_outbound(self, packet: bytes | memoryview, now: float) -> None:
-        f = parse_flow(packet)
+        p = packet if isinstance(packet, bytes) else bytes(packet)
+        if _v4_simple(p):
+            self.conntrack.touch(p[9:10] + p[12:24], now)
+            return
+        f = parse_flow(p)
         if f is not None:
             self.conntrack.note_outbound(f, now)
 
     def allow(self, packet: bytes | memoryview, now: float) -> bool:
-        f = parse_flow(packet)
+        p = packet if isinstance(packet, bytes) else bytes(packet)
+        if _v4_simple(p) and self.conntrack.check(
+            p[9:10] + p[16:20] + p[12:16] + p[22:24] + p[20:22], now
+        ):
+            return True
+        f = parse_flow(p)
         if f is None:
             self.drops["malformed"] += 1
             return False
