@@ -63,6 +63,7 @@ FAMILY = "inet"
 MIN_DATA_UDP_LEN = 16  # UDP header (8) + relay header (8): anything shorter is userspace's drop
 NFT_TIMEOUT = 10.0  # s for one nft invocation
 IP_FORWARD = "net.ipv4.ip_forward"
+NFT_LIMIT_MAX = (1 << 32) - 1  # nft_limit computes burst * NSEC_PER_SEC in 64 bits: keep it small
 
 
 class KernelPathError(RuntimeError):
@@ -155,11 +156,14 @@ def ruleset(port: int, flows: Sequence[Flow], limits: RelayLimits,
         lines += [f"flush chain {t} {name}", f"delete chain {t} {name}"]
     for name in counters:
         lines.append(f"add counter {t} {name}")
+    def clamp(x: float) -> int:
+        return min(NFT_LIMIT_MAX, max(1, int(x)))
+
     for c in clients:
-        lines.append(f"add limit {t} lp_{c} {{ rate {int(limits.packets_per_second)}/second "
-                     f"burst {max(1, int(limits.packet_burst))} packets }}")
-        lines.append(f"add limit {t} lb_{c} {{ rate {int(limits.bytes_per_second)} bytes/second "
-                     f"burst {max(1, int(limits.byte_burst))} bytes }}")
+        lines.append(f"add limit {t} lp_{c} {{ rate {clamp(limits.packets_per_second)}/second "
+                     f"burst {clamp(limits.packet_burst)} packets }}")
+        lines.append(f"add limit {t} lb_{c} {{ rate {clamp(limits.bytes_per_second)} "
+                     f"bytes/second burst {clamp(limits.byte_burst)} bytes }}")
     for name, chain_flows in sorted(src_chains.items()):
         lines += [f"add chain {t} {name}", f"flush chain {t} {name}",
                   f"add rule {t} {name} udp length < {MIN_DATA_UDP_LEN} return",
