@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable
 
 import pytest
@@ -20,9 +19,7 @@ def _recv_one(lab: Lab, host: str, port: int, send: Callable[[], object],
               bind: str = "0.0.0.0") -> list[dict[str, object]]:
     rx = lab.spawn(host, ["python", "-m", "relaymesh.lab.probe", "udp-recv", "--port", str(port),
                           "--bind", bind, "--timeout", "1.5", "--max", "1"], name=f"recv{port}")
-    deadline = time.monotonic() + 10
-    while "ready" not in rx.output() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    rx.wait_for("ready")
     send()
     rx.wait(10)
     return [json.loads(ln) for ln in rx.output().splitlines()[1:] if ln.startswith("{")]
@@ -68,9 +65,7 @@ def test_spawn_output_is_kept_per_host_and_exec_failure_raises(lab_factory: LabF
     lab = lab_factory(topo)
     p = lab.spawn("a", ["sh", "-c", "echo started-in-a; ip -o link show eth0; sleep 30"],
                   name="sleeper")
-    deadline = time.monotonic() + 5
-    while "eth0" not in p.output() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    p.wait_for("eth0", timeout=5)
     assert p.alive
     assert "started-in-a" in p.output()
     assert "started-in-a" in lab.logs()["a"]
@@ -82,6 +77,21 @@ def test_spawn_output_is_kept_per_host_and_exec_failure_raises(lab_factory: LabF
     assert lab.exec("a", ["false"], check=False).returncode == 1
     with pytest.raises(LabError):
         lab.netns("nosuchhost")
+    quick = lab.spawn("a", ["sh", "-c", "echo bye"], name="quick")
+    with pytest.raises(LabError, match="exited before printing 'never'"):
+        quick.wait_for("never", timeout=5)
+    with pytest.raises(LabError, match="no 'never' in its output"):
+        p2 = lab.spawn("a", ["sleep", "5"], name="sleep")
+        p2.wait_for("never", timeout=0.3)
+
+
+def test_a_run_id_in_use_is_refused_and_left_alone(lab_factory: LabFactory) -> None:
+    topo = Topology("dup")
+    topo.add_host("a")
+    first = lab_factory(topo)
+    with pytest.raises(LabError, match="already in use"):
+        Lab(topo, run_id=first.run_id, state_dir=None).start()
+    assert first.exec("a", ["true"]).returncode == 0  # the running lab was not torn down
 
 
 def test_teardown_on_exit_removes_the_runs_namespaces() -> None:

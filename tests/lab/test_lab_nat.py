@@ -7,7 +7,6 @@ tests use against the simulated NATs.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 
 import pytest
@@ -48,9 +47,7 @@ def _unsolicited_delivered(lab: Lab, host: str, port: int) -> bool:
     """Does a datagram from an internet host to (public address, port) reach a listener?"""
     rx = lab.spawn(host, ["python", "-m", "relaymesh.lab.probe", "udp-recv", "--port", str(port),
                           "--timeout", "0.6", "--max", "1"], name=f"rx{port}")
-    deadline = time.monotonic() + 10
-    while "ready" not in rx.output() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    rx.wait_for("ready")
     lab.python("r", ["udp-send", lab.public_address(host), str(port), "knock", "--repeat", "3"])
     rx.wait(10)
     return any(json.loads(ln)["data"] == "knock" for ln in rx.output().splitlines()

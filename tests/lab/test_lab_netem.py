@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import pytest
@@ -23,9 +22,7 @@ LabFactory = Callable[..., Lab]
 def _start_echo(lab: Lab, host: str, port: int) -> None:
     p = lab.spawn(host, ["python", "-m", "relaymesh.lab.probe", "udp-echo", "--port", str(port),
                          "--max-seconds", "60"], name=f"echo{port}")
-    deadline = time.monotonic() + 10
-    while "ready" not in p.output() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    p.wait_for("ready")
 
 
 def _ping(lab: Lab, host: str, dst: str, port: int, count: int,
@@ -67,9 +64,7 @@ def test_added_rtt_is_the_configured_delay(impaired_lab: Lab) -> None:
     assert r6 is not None
     p6 = lab.spawn("r", ["python", "-m", "relaymesh.lab.probe", "udp-echo", "--bind", "::",
                          "--port", "7006", "--max-seconds", "30"], name="echo6")
-    deadline = time.monotonic() + 10
-    while "ready" not in p6.output() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    p6.wait_for("ready")
     slow6 = _ping(lab, "slow", r6, 7006, 20, 0.01)
     assert isinstance(slow6["rtts_ms"], list) and slow6["received"] == 20
     assert 40 * 0.8 <= statistics.median(slow6["rtts_ms"]) <= 40 * 1.2 + 5
@@ -116,9 +111,7 @@ def test_rate_limit_caps_throughput(lab_factory: LabFactory) -> None:
         "print('RESULT',n,time.monotonic()-t0,flush=True)\n"
     )
     p = lab.spawn("r", ["python", "-c", sink], name="sink")
-    deadline = time.monotonic() + 10
-    while "ready" not in p.output() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    p.wait_for("ready")
     send = (f"import socket;s=socket.create_connection(('{lab.address('r')}',7100));"
             "s.sendall(b'x'*2_500_000);s.close()")
     lab.exec("a", ["python", "-c", send], timeout=30)

@@ -135,6 +135,10 @@ class LabProcess:
             self.kill()
             self._popen.wait(5)
 
+    def wait_for(self, text: str, timeout: float = 10.0) -> None:
+        """Block until ``text`` appears in the output; LabError if it exits or times out first."""
+        _wait_for_line(self, text, timeout)
+
     def output(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -184,6 +188,9 @@ class Lab:
     def start(self) -> Lab:
         if self._started:
             return self
+        if run_namespaces(self.run_id):
+            # Never adopt (and later tear down) namespaces of a lab that is already running.
+            raise LabError(f"run id {self.run_id} is already in use by a running lab")
         self._started = True
         self._install_handlers()
         atexit.register(self.close)
@@ -565,10 +572,12 @@ def _wait_for_line(proc: LabProcess, token: str, timeout: float) -> None:
         if token in proc.output():
             return
         if not proc.alive:
+            if token in proc.output():
+                return
             tail = proc.output().strip()[-300:]
-            raise LabError(f"{proc.name} in {proc.host} exited early: {tail}")
+            raise LabError(f"{proc.name} in {proc.host} exited before printing {token!r}: {tail}")
         time.sleep(0.02)
-    raise LabError(f"{proc.name} in {proc.host} not ready after {timeout}s")
+    raise LabError(f"{proc.name} in {proc.host}: no {token!r} in its output after {timeout}s")
 
 
 def is_public_v4(addr: str) -> bool:
