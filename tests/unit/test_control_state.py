@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from relaymesh.control.models import NodeRecord
+from relaymesh.control.netmap import filter_text
 from relaymesh.control.policy import Policy
 from relaymesh.control.state import HotState
 from relaymesh.keys import PrivateKey
@@ -122,3 +124,11 @@ def test_nothing_dirty_sends_nothing() -> None:
     st, inbox = setup()
     assert st.flush(T0) == 0
     assert all(len(v) == 1 for v in inbox.values())
+
+
+def test_filter_text_is_the_policy_filter_json() -> None:
+    st, _ = setup()
+    for nid in (1, 2, 3):
+        want = st.compiled.filter_for(nid).to_json()
+        assert json.loads(filter_text(st.compiled, nid)) == want
+        assert want  # each node accepts something from its own user: not a vacuous comparison

@@ -10,6 +10,7 @@ and the current hot state; nothing here does I/O or looks at a clock.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from relaymesh.control.models import NodeRecord
-from relaymesh.control.policy import CompiledPolicy
+from relaymesh.control.policy import CompiledPolicy, FilterRule
 
 __all__ = [
     "SentView",
@@ -63,9 +64,25 @@ def node_json(
     }
 
 
+# str() of an ipaddress network is slow (pure Python formatting) and a fan-out formats the same
+# node networks thousands of times: memoise it. Bounded so a churning tailnet cannot grow it.
+_net_text = functools.lru_cache(maxsize=1 << 17)(str)
+
+
+def _rule_json(rule: FilterRule) -> Json:
+    """Same value as :meth:`FilterRule.to_json`, with the network texts memoised."""
+    return {
+        "src": [_net_text(n) for n in rule.src.networks],
+        "dst": [_net_text(n) for n in rule.dst.networks],
+        "ports": [[lo, hi] for lo, hi in rule.ports],
+        "protos": None if rule.protos is None else sorted(rule.protos),
+    }
+
+
 def filter_text(compiled: CompiledPolicy, node: NodeId) -> str:
     """The node's inbound packet filter as canonical JSON text (cheap to compare)."""
-    return json.dumps(compiled.filter_for(node).to_json(), separators=(",", ":"))
+    rules = [_rule_json(r) for r in compiled.filter_for(node).rules]
+    return json.dumps(rules, separators=(",", ":"))
 
 
 def relay_json(

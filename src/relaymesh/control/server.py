@@ -66,7 +66,10 @@ log = logging.getLogger("relaymesh.control")
 Json = dict[str, Any]
 NDJSON = "application/x-ndjson"
 KEEPALIVE_LINE = b'{"type":"keepalive"}\n'
+# Upper bound of the adaptive coalescing delay: keeps a change's propagation well under 1 s.
+MAX_ADAPTIVE_COALESCE_S = 0.25
 HOUSEKEEPING_S = 1.0  # key-expiry sweep period: expiry is enforced within this delay
+STOP_PERSIST_S = 2.0  # at shutdown, how long we keep writing last_seen of closed streams
 MAX_ENDPOINTS = 64  # an update listing more is garbage, not a node
 MAX_BODY = 64 * 1024
 
@@ -168,6 +171,11 @@ class ControlServer:
         self._expired: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._housekeeper: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._offline_pending: dict[int, None] = {}  # ordered set of node ids to persist
+        self._offline_wakeup = asyncio.Event()
+        self._last_flush_end = 0.0
+        self.last_flush_s = 0.0  # CPU time of the last fan-out (recompile + deltas), for /health
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -205,6 +213,7 @@ class ControlServer:
             await self.stop()
             raise
         self._housekeeper = asyncio.create_task(self._housekeeping())
+        self._writer = asyncio.create_task(self._offline_writer())
 
     def _read_policy_file(self) -> Policy:
         path = self.config.policy_file
@@ -328,6 +337,16 @@ class ControlServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self._writer is not None:
+            if self._offline_pending:  # streams just closed: store their last_seen, bounded
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STOP_PERSIST_S):
+                        while self._offline_pending:
+                            await asyncio.sleep(0.01)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.store is not None:
@@ -342,12 +361,22 @@ class ControlServer:
         """Schedule one flush for everything changed within the coalescing window."""
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(self.config.coalesce, self._flush)
+            # Under a stream of changes (a registration storm: the last flush ended less than
+            # its own duration ago) wait as long as that flush took, capped, so fan-out uses at
+            # most about half the CPU and each recompile folds in everything that arrived
+            # meanwhile. An isolated change only waits the short coalescing window.
+            delay = self.config.coalesce
+            if time.monotonic() - self._last_flush_end < self.last_flush_s:
+                delay = max(delay, min(self.last_flush_s, MAX_ADAPTIVE_COALESCE_S))
+            self._flush_handle = loop.call_later(delay, self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
         if self.state is not None:
+            t0 = time.perf_counter()
             self.state.flush(self.clock())
+            self.last_flush_s = time.perf_counter() - t0
+            self._last_flush_end = time.monotonic()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -423,8 +452,15 @@ class ControlServer:
     async def _h_health(self, request: web.Request) -> web.Response:
         hot = self.hot
         return web.json_response(
-            {"nodes": len(hot.nodes), "streams": sum(len(s) for s in hot.subs.values()),
-             "policy_version": hot.policy_version}
+            {
+                "nodes": len(hot.nodes),
+                "streams": sum(len(s) for s in hot.subs.values()),
+                "policy_version": hot.policy_version,
+                "compiles": hot.compiles,
+                "flushes": hot.flushes,
+                "messages": hot.messages,
+                "last_flush_s": self.last_flush_s,
+            }
         )
 
     async def _h_register(self, request: web.Request) -> web.Response:
@@ -576,14 +612,32 @@ class ControlServer:
         node = hot.nodes[nid]
         hot.touch(nid, online=False, last_seen=self.clock())
         self._changed()
-        if self.store is not None:
-            self._spawn(self._persist_offline(nid))
+        self._persist_offline(nid)
         if node.rec.ephemeral:
             self._arm_ephemeral(nid)
 
-    async def _persist_offline(self, nid: int) -> None:
-        with contextlib.suppress(NotFoundError):
-            await self.db.set_online(nid, False)
+    def _persist_offline(self, nid: int) -> None:
+        """Queue the node's last_seen for the one writer task (SQLite wants one writer)."""
+        self._offline_pending[nid] = None
+        self._offline_wakeup.set()
+
+    async def _offline_writer(self) -> None:
+        """Write last_seen of nodes that went offline, one at a time, under the store lock."""
+        while True:
+            await self._offline_wakeup.wait()
+            self._offline_wakeup.clear()
+            while self._offline_pending:
+                nid = next(iter(self._offline_pending))
+                del self._offline_pending[nid]
+                if self.hot.stream_count(nid):
+                    continue  # back online meanwhile
+                async with self._lock:
+                    try:
+                        await self.db.set_online(nid, False)
+                    except NotFoundError:
+                        pass
+                    except Exception as e:  # never let a DB hiccup kill the writer
+                        log.warning("last_seen of node %d not stored: %s", nid, e)
 
     async def _h_update(self, request: web.Request) -> web.Response:
         node = self._node_for(request)

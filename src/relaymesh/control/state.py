@@ -29,7 +29,7 @@ from relaymesh.control.netmap import (
     node_json,
     relay_json,
 )
-from relaymesh.control.policy import CompiledPolicy, Policy
+from relaymesh.control.policy import CompiledPolicy, Policy, PolicyNode
 from relaymesh.keys import MachineKey
 
 __all__ = ["HotNode", "HotState", "Subscription"]
@@ -49,6 +49,13 @@ class HotNode:
     rev: int = 0  # bumped on every visible change; streams remember the rev they were sent
     map_version: int = 0  # per-node map version (control-protocol.md: "version": N)
     _json: Json | None = field(default=None, repr=False)
+    _pnode: PolicyNode | None = field(default=None, repr=False)
+
+    def policy_node(self) -> PolicyNode:
+        """The node as the compiler sees it, kept across compiles (its networks are cached)."""
+        if self._pnode is None:
+            self._pnode = self.rec.to_policy_node()
+        return self._pnode
 
     def json(self) -> Json:
         if self._json is None:
@@ -119,6 +126,7 @@ class HotState:
             if node.rec.machine_key != rec.machine_key:
                 self.by_machine.pop(node.rec.machine_key, None)
             node.rec = rec
+            node._pnode = None
         self.by_machine[rec.machine_key] = rec.id
         node.bump()
         self._changed.add(rec.id)
@@ -135,6 +143,7 @@ class HotState:
         rec_changes = {k[4:]: v for k, v in live.items() if k.startswith("rec_")}
         if rec_changes:
             node.rec = replace(node.rec, **rec_changes)
+            node._pnode = None
         for k, v in live.items():
             if not k.startswith("rec_"):
                 setattr(node, k, v)
@@ -238,7 +247,7 @@ class HotState:
         sent = 0
         recompiled = self._recompile
         if recompiled:
-            live = [self.nodes[nid].rec.to_policy_node() for nid in self.live_ids(now)]
+            live = [self.nodes[nid].policy_node() for nid in self.live_ids(now)]
             self.compiled = self.policy.compile(live)
             self.compiles += 1
         for nid, reason in self._logout.items():
