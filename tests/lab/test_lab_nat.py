@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from relaymesh.lab import NAT_KINDS, Lab, Topology
-from relaymesh.lab.natcheck import assert_nat_kind
+from relaymesh.lab.natcheck import assert_nat_kind, classify
 
 pytestmark = pytest.mark.lab
 LabFactory = Callable[..., Lab]
@@ -111,3 +111,28 @@ def test_hole_punching_works_between_easy_nats_and_fails_between_hard(
     # With endpoint-dependent mapping the STUN-learned ports are not the ones used towards the
     # peer, so neither side's packets match the other's filter.
     assert not _punch(lab, "hx", "hy")
+
+
+def test_easy_port_clash_costs_port_preservation_not_eim(
+        lab_factory: LabFactory) -> None:
+    """Masquerade keeps a port only while (public ip, port, destination) is free.
+
+    Two hosts behind one easy NAT probing from the same port: the first keeps its port for every
+    destination; the second clashes and gets another port, the same one for every destination
+    (measured on this kernel). The twin models the same
+    (tests/unit/test_twin.py::test_twin_easy_port_clash_matches_linux).
+    """
+    topo = Topology("clash")
+    topo.add_network("lan", nat="easy")
+    topo.add_host("a", network="lan")
+    topo.add_host("b", network="lan")
+    lab = lab_factory(topo)
+    first = lab.nat_check("a", local_port=41641)
+    second = lab.nat_check("b", local_port=41641)
+    assert classify(first).mapping == "endpoint-independent"
+    assert first.mapped1 == (lab.public_address("a"), 41641)
+    # The clash costs port preservation, not endpoint independence: the replacement port is the
+    # same for both destinations.
+    assert classify(second).mapping == "endpoint-independent"
+    assert classify(second).port_preserved is False
+    assert second.mapped1 is not None and second.mapped1[0] == first.mapped1[0]

@@ -204,3 +204,21 @@ def test_classify_reports_address_dependent_filtering() -> None:
     obs = NatObservation(("10.0.0.2", 5), ("1.2.3.4", 5), ("1.2.3.4", 5), False, True)
     got = classify(obs)
     assert got.filtering == "address-dependent" and got.mapping == "endpoint-independent"
+
+
+def test_twin_easy_port_clash_matches_linux() -> None:
+    """Same scenario as the lab test: the second host on the same port loses only its port."""
+    topo = Topology("clash")
+    topo.add_network("lan", nat="easy")
+    topo.add_host("a", network="lan")
+    topo.add_host("b", network="lan")
+    net = TwinNetwork(topo, seed=3)
+    first = net.nat_check("a", local_port=41641)
+    second = net.nat_check("b", local_port=41641)
+    assert classify(first).mapping == "endpoint-independent"
+    assert first.mapped1 == (net.public_address("a"), 41641)
+    # The clash costs port preservation, not endpoint independence: the replacement port is the
+    # same for both destinations.
+    assert classify(second).mapping == "endpoint-independent"
+    assert classify(second).port_preserved is False
+    assert second.mapped1 is not None and second.mapped1[0] == first.mapped1[0]

@@ -11,8 +11,9 @@ Model (IPv4/UDP only; netem semantics on each host's uplink egress via the share
 :class:`relaymesh.lab.shaper.ImpairmentModel`):
 
 - ``none``: routed public LAN; ``firewall``: routed + stateful filter (5-tuple, like conntrack);
-- ``easy``: endpoint-independent mapping, port-preserving unless the port is taken, filtering
-  address-and-port dependent; ``udp-blocked``: as easy but outbound UDP dropped;
+- ``easy``: Linux masquerade: the inside port is kept when the (public endpoint, destination)
+  tuple is free, which is endpoint-independent and port-preserving unless two inside endpoints
+  clash on a port; filtering address-and-port dependent; ``udp-blocked``: as easy, UDP dropped;
 - ``hard``: a new random public port per (inside endpoint, destination); filtering as easy;
 - ``one2one``: fixed public address per host, ports kept, no filtering;
 - forwards ("one firewall exception") open one UDP port to one host.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,8 +159,8 @@ class _Router:
     lan_prefix: str  # "10.1.0." or "198.19.1."
     one2one: dict[str, str] = field(default_factory=dict)  # private -> public
     forwards: dict[int, str] = field(default_factory=dict)  # port -> inside address
+    salt: int = 0  # per-router secret for the clash-port search start
     flows: dict[tuple[Addr, Addr], _Flow] = field(default_factory=dict)  # (public, remote)
-    eim: dict[Addr, tuple[Addr, float]] = field(default_factory=dict)  # inside -> public
 
 
 @dataclass
@@ -202,7 +204,8 @@ class TwinNetwork:
             link += 1
             routed = net.nat in ("none", "firewall")
             prefix = f"198.19.{n_idx}." if routed else f"10.{n_idx}.0."
-            r = _Router(net.name, net.nat, f"198.18.{link}.2", prefix)
+            r = _Router(net.name, net.nat, f"198.18.{link}.2", prefix,
+                        salt=self.rng.getrandbits(32))
             self.routers[net.name] = r
             self._owner[r.public_ip] = ("router", net.name)
             for k, h in enumerate(self.topology.hosts_on(net.name)):
@@ -336,8 +339,6 @@ class TwinNetwork:
         now = self.now
         for fkey in [k for k, f in r.flows.items() if f.expires <= now]:
             del r.flows[fkey]
-        for ekey in [k for k, (_, exp) in r.eim.items() if exp <= now]:
-            del r.eim[ekey]
 
     def _outbound(self, r: _Router, src: Addr, dst: Addr) -> Addr | None:
         """Translate an inside->outside packet; None when the router drops it."""
@@ -348,27 +349,44 @@ class TwinNetwork:
             pub = src
         elif r.kind == "one2one":
             pub = (r.one2one[src[0]], src[1])
-        elif r.kind == "hard":
+        else:
+            # Linux masquerade: a flow keeps its mapping. A new flow keeps the inside port when
+            # (public address, port, destination) is unused; on a clash it searches from a start
+            # derived from the inside endpoint, so it lands on the same replacement port for
+            # every destination (measured on this kernel: still endpoint-independent, no longer
+            # port-preserving). fully-random (hard) takes a random free port per flow.
             existing = next((f for f in r.flows.values()
                              if f.inside == src and f.remote == dst), None)
-            pub = existing.public if existing else (r.public_ip, self._nat_port(r, None))
-        else:  # easy: one public endpoint per inside endpoint, port kept if free
-            m = r.eim.get(src)
-            pub = m[0] if m else (r.public_ip, self._nat_port(r, src[1]))
+            if existing is not None:
+                pub = existing.public
+            elif r.kind == "hard":
+                pub = (r.public_ip, self._random_port(r, dst))
+            else:
+                pub = (r.public_ip, self._easy_port(r, src, dst))
         flow = r.flows.get((pub, dst))
         if flow is None:
             flow = _Flow(src, pub, dst, 0.0)
             r.flows[(pub, dst)] = flow
         flow.expires = self.now + (UDP_REPLIED_TIMEOUT if flow.replied else UDP_UNREPLIED_TIMEOUT)
-        if r.kind == "easy":
-            r.eim[src] = (pub, max(flow.expires, r.eim.get(src, (pub, 0.0))[1]))
         return pub
 
-    def _nat_port(self, r: _Router, wanted: int | None) -> int:
-        used = {f.public[1] for f in r.flows.values()} | {p[1] for p, _ in r.eim.values()}
-        used |= set(r.forwards)
-        if wanted is not None and wanted not in used:
-            return wanted
+    def _used_ports(self, r: _Router, dst: Addr) -> set[int]:
+        return {f.public[1] for f in r.flows.values() if f.remote == dst} | set(r.forwards)
+
+    def _easy_port(self, r: _Router, src: Addr, dst: Addr) -> int:
+        used = self._used_ports(r, dst)
+        if src[1] not in used:
+            return src[1]
+        span = 65535 - 1024 + 1
+        start = zlib.crc32(f"{src[0]}:{src[1]}".encode()) ^ r.salt
+        for i in range(span):
+            p = 1024 + (start + i) % span
+            if p not in used:
+                return p
+        raise OSError(f"{r.name}: NAT ports exhausted")
+
+    def _random_port(self, r: _Router, dst: Addr) -> int:
+        used = self._used_ports(r, dst)
         for _ in range(10000):
             p = self.rng.randint(1024, 65535)
             if p not in used:
