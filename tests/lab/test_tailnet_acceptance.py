@@ -9,6 +9,7 @@ sockets are not per network namespace); data-plane checks run inside the hosts' 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -102,6 +103,11 @@ class Tailnet:
             name="control")
         until(lambda: (self.ctl_state / "admin.sock").exists()
               and "node API on" in self.ctl_output(), 20, "control server start")
+
+    def reload_policy(self) -> None:
+        """SIGHUP the server (`ip netns exec` execs it, so the spawned pid is the server)."""
+        assert self.ctl is not None and self.ctl.alive
+        os.kill(self.ctl.pid, signal.SIGHUP)
 
     def ctl_output(self) -> str:
         return self.ctl.output() if self.ctl else ""
@@ -238,6 +244,7 @@ def test_three_nodes_reach_each_other_by_address_and_name(tailnet: Tailnet) -> N
 def test_policy_is_enforced_and_reloads_without_restarts(tailnet: Tailnet) -> None:
     tn = tailnet
     ips = {n: tn.ipv4(n) for n in NODES}
+
     def acl(*dsts: str) -> str:
         rule = {"action": "accept", "src": [ips["a"]], "dst": [f"{ips[d]}:*" for d in dsts]}
         return json.dumps({"acls": [rule]})
@@ -246,18 +253,18 @@ def test_policy_is_enforced_and_reloads_without_restarts(tailnet: Tailnet) -> No
     try:
         tn.policy_file.write_text(a_to_b)
         assert tn.ctl is not None
-        tn.ctl._signal(signal.SIGHUP)
+        tn.reload_policy()
+        time.sleep(1.0)  # the reload has long reached every node (< 1 s fan-out)
         # A -> B works (and B's answers reach A: the echo comes back); A -> C is dropped by C
         r = tn.echo("a", ips["b"])
         assert r["ok"], r
-        time.sleep(1.0)  # the reload has long reached every node (< 1 s fan-out)
         r = tn.echo("a", ips["c"], deadline=1.5, each=0.5)
         assert not r["ok"], f"A reached C against the policy: {r}"
         r = tn.echo("b", ips["a"], deadline=1.5, each=0.5)
         assert not r["ok"], f"B opened a flow to A against the policy: {r}"
         # allow A -> C in the file and reload: effective within 2 s, nothing restarted
         tn.policy_file.write_text(a_to_bc)
-        tn.ctl._signal(signal.SIGHUP)
+        tn.reload_policy()
         r = tn.echo("a", ips["c"], deadline=4.0, each=0.3)
         assert r["ok"] and r["elapsed"] < 2.0, r
         # a broken policy is refused with line and column; the old one holds
@@ -269,7 +276,7 @@ def test_policy_is_enforced_and_reloads_without_restarts(tailnet: Tailnet) -> No
         assert "line 3" in cp.stderr and "column" in cp.stderr, cp.stderr
         assert "Traceback" not in cp.stderr
         tn.policy_file.write_text(broken.read_text())
-        tn.ctl._signal(signal.SIGHUP)
+        tn.reload_policy()
         time.sleep(1.0)
         assert tn.echo("a", ips["c"])["ok"]
         assert not tn.echo("b", ips["c"], deadline=1.5, each=0.5)["ok"]
@@ -277,7 +284,7 @@ def test_policy_is_enforced_and_reloads_without_restarts(tailnet: Tailnet) -> No
     finally:
         tn.policy_file.write_text(ALLOW_ALL)
         if tn.ctl is not None:
-            tn.ctl._signal(signal.SIGHUP)
+            tn.reload_policy()
     until(lambda: tn.echo("b", ips["c"], deadline=1.0, each=0.5)["ok"], 10, "allow-all back")
 
 
