@@ -198,6 +198,19 @@ def test_event_loop_runs_in_time_order_and_only_when_asked() -> None:
     assert out == ["early", "late"] and loop.pending == 0
 
 
+def test_run_until_stops_at_the_event_that_satisfies_the_predicate() -> None:
+    topo = Topology("p")
+    topo.add_host("a")
+    topo.add_host("b")
+    topo.set_impairment("a", delay_ms=25)
+    net = TwinNetwork(topo)
+    a, b = net.socket("a"), net.socket("b", 9)
+    a.sendto(b"x", b.local_addr)
+    assert net.run_until(lambda: bool(b.inbox), timeout=1.0)
+    assert 0.025 <= net.now < 0.03  # stopped at delivery, not at the timeout
+    assert not net.run_until(lambda: False, timeout=0.5)
+
+
 def test_classify_reports_address_dependent_filtering() -> None:
     from relaymesh.lab.natcheck import NatObservation
 

@@ -253,6 +253,10 @@ class TwinNetwork:
     def run_for(self, seconds: float) -> None:
         self.loop.run_for(seconds)
 
+    def run_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Advance simulated time until ``predicate()`` holds (True) or ``timeout`` passes."""
+        return self.loop.run_for(timeout, stop=predicate)
+
     # -- sockets --------------------------------------------------------------------------------
     def socket(self, host: str, port: int = 0, *, address: str | None = None) -> SimSocket:
         h = self.hosts[host]
