@@ -566,6 +566,14 @@ class Backend:
             self.magic.send(s.data, s.addr)
 
     def _on_disco(self, data: bytes, src: tuple[str, int]) -> None:
+        try:
+            self._handle_disco(data, src)
+        except Exception:  # a bug must not surface as an unhandled loop-callback error per packet
+            self.disco.drops["handler_error"] += 1
+            if self.disco.drops["handler_error"] == 1:
+                log.exception("disco handler error (counted; logged once)")
+
+    def _handle_disco(self, data: bytes, src: tuple[str, int]) -> None:
         sends, results = self.disco.handle(data, src, time.monotonic())
         self._send(sends)
         for r in results:
