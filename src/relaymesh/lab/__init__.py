@@ -5,6 +5,7 @@ See docs/lab.md. The public API: :class:`Topology` (data), :class:`Lab` (a runni
 """
 
 from relaymesh.lab.lab import Lab, LabProcess, NodeInfo, new_run_id
+from relaymesh.lab.natcheck import NatBehaviour, NatObservation, assert_nat_kind, classify
 from relaymesh.lab.netns import LabError
 from relaymesh.lab.topology import NAT_KINDS, Impairment, NatKind, Topology, TopologyError
 
@@ -14,9 +15,13 @@ __all__ = [
     "Lab",
     "LabError",
     "LabProcess",
+    "NatBehaviour",
     "NatKind",
+    "NatObservation",
     "NodeInfo",
     "Topology",
     "TopologyError",
+    "assert_nat_kind",
+    "classify",
     "new_run_id",
 ]

@@ -514,7 +514,8 @@ class Lab:
             return
         for dev in (SHAPER_IN, SHAPER_OUT):
             ip(ns, "tuntap", "add", "dev", dev, "mode", "tun")
-            ip(ns, "link", "set", dev, "up")
+            # A deep queue: a shaper delayed by a busy CPU must not turn into extra loss.
+            ip(ns, "link", "set", dev, "txqueuelen", "10000", "up")
         sysctl(ns, net__ipv4__ip_forward=1, net__ipv6__conf__all__forwarding=1,
                net__ipv4__conf__all__rp_filter=0,
                **{f"net__ipv4__conf__{SHAPER_OUT}__rp_filter": 0,

@@ -18,10 +18,22 @@ from relaymesh.lab.natcheck import Addr, StunResponder, run_nat_probe
 
 _PING = struct.Struct("!4sId")  # magic, sequence number, send time (monotonic)
 _PING_MAGIC = b"RMPG"
+_RCVBUF = 4 << 20
+_SO_RCVBUFFORCE = 33  # asm-generic/socket.h; Python's socket module lacks the name
 
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _udp_socket(family: socket.AddressFamily) -> socket.socket:
+    """A UDP socket with a deep receive buffer, so a busy machine stalls rather than drops."""
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
+    except OSError:  # not root: the ordinary limit applies
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+    return s
 
 
 def _ready() -> None:
@@ -57,7 +69,7 @@ class RealTransport:
 
 
 def cmd_udp_echo(a: argparse.Namespace) -> int:
-    s = socket.socket(_family(a.bind), socket.SOCK_DGRAM)
+    s = _udp_socket(_family(a.bind))
     s.bind((a.bind, a.port))
     _ready()
     deadline = time.monotonic() + a.max_seconds
@@ -71,7 +83,7 @@ def cmd_udp_echo(a: argparse.Namespace) -> int:
 
 def cmd_udp_ping(a: argparse.Namespace) -> int:
     """Send ``count`` probes every ``interval``; report echoed RTTs (late ones count as lost)."""
-    s = socket.socket(_family(a.host), socket.SOCK_DGRAM)
+    s = _udp_socket(_family(a.host))
     s.bind(("::" if _family(a.host) == socket.AF_INET6 else "0.0.0.0", a.src_port))
     dest = (a.host, a.port)
     rtts: dict[int, float] = {}
