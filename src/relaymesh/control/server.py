@@ -174,6 +174,7 @@ class ControlServer:
         self._writer: asyncio.Task[None] | None = None
         self._offline_pending: dict[int, None] = {}  # ordered set of node ids to persist
         self._offline_wakeup = asyncio.Event()
+        self._stopping = False
         self._last_flush_end = 0.0
         self.last_flush_s = 0.0  # CPU time of the last fan-out (recompile + deltas), for /health
 
@@ -338,14 +339,15 @@ class ControlServer:
             await runner.cleanup()
         self._runners.clear()
         if self._writer is not None:
-            if self._offline_pending:  # streams just closed: store their last_seen, bounded
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(STOP_PERSIST_S):
-                        while self._offline_pending:
-                            await asyncio.sleep(0.01)
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            # Streams just closed: let the writer store their last_seen and exit by itself
+            # (cancelling it inside a database call would leave the connection half reset).
+            self._stopping = True
+            self._offline_wakeup.set()
+            try:
+                async with asyncio.timeout(STOP_PERSIST_S):
+                    await self._writer
+            except TimeoutError:
+                pass  # the timeout cancelled it: some last_seen values are not stored
             self._writer = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -623,7 +625,7 @@ class ControlServer:
 
     async def _offline_writer(self) -> None:
         """Write last_seen of nodes that went offline, one at a time, under the store lock."""
-        while True:
+        while not self._stopping or self._offline_pending:
             await self._offline_wakeup.wait()
             self._offline_wakeup.clear()
             while self._offline_pending:
