@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,68 @@ async def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert r.output.count("\n") == 1
     assert r.output.startswith("Error: cannot reach the control server at ")
+
+
+# -- `control serve` as a real process -----------------------------------------------------------
+
+SERVE_TIMEOUT_S = 20.0
+
+
+async def _wait_for_socket(path: Path, proc: asyncio.subprocess.Process) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SERVE_TIMEOUT_S
+    while not path.exists():
+        assert proc.returncode is None, "server exited early"
+        assert loop.time() < deadline, "server did not create its admin socket"
+        await asyncio.sleep(0.05)
+
+
+async def test_serve_refuses_bad_policy_file_with_position(tmp_path: Path) -> None:
+    pfile = tmp_path / "policy.hujson"
+    pfile.write_text('{\n  "acls": [\n    {"action": "accept", "src": ["*"], "dst": ["*:x"]},\n]}')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relaymesh", "control", "serve", "--state-dir",
+        str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--policy", str(pfile),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), SERVE_TIMEOUT_S)
+    assert proc.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"Error: {pfile}:3:")
+
+
+async def test_serve_reloads_policy_on_sighup(tmp_path: Path) -> None:
+    pfile = tmp_path / "policy.hujson"
+    pfile.write_text('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}')
+    state = tmp_path / "s"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relaymesh", "control", "serve", "--state-dir", str(state),
+        "--listen", "127.0.0.1:0", "--policy", str(pfile),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await _wait_for_socket(state / "admin.sock", proc)
+        argv = ["control", "--state-dir", str(state), "policy", "get", "-o", "json"]
+
+        async def policy() -> Any:
+            r = await asyncio.to_thread(CliRunner().invoke, cli, argv)
+            return ok_json(r)
+
+        assert "*:22" in (await policy())["policy"]
+        pfile.write_text('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:443"]}]}')
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(100):  # bounded: 5 s
+            if "*:443" in (got := await policy())["policy"]:
+                break
+            await asyncio.sleep(0.05)
+        assert "*:443" in got["policy"] and got["version"] == 2
+        pfile.write_text('{"acls": [ broken')
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert proc.returncode is None
+        assert (await policy())["version"] == 2  # the bad file changed nothing
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), SERVE_TIMEOUT_S) == 0
