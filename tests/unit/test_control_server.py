@@ -579,3 +579,42 @@ async def test_admin_tcp_needs_api_key(make_server: MakeServer) -> None:
                          headers={"Authorization": f"Bearer {key}"})
         assert r.status == 409
         assert "already exists" in json.loads(await r.text())["error"]
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return cert_file, key_file
+
+
+async def test_tls_listener(make_server: MakeServer, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    srv = await make_server(tls_cert=cert, tls_key=key)
+    assert srv.url.startswith("https://")
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(srv.url + "/key", ssl=False)
+        assert r.status == 200
+        assert (await r.json())["server_key"].startswith("mkey:")
+    with pytest.raises(ConfigError, match="go together"):
+        await make_server(state_dir=tmp_path / "other", tls_cert=cert)
