@@ -205,21 +205,31 @@ class Lab:
 
     def close(self) -> None:
         """Stop every process, delete every namespace of this run, restore signal handlers."""
-        with self._lock:
-            if self._closed or not self._started:
-                return
-            self._closed = True
         # A second Ctrl-C or SIGTERM must not interrupt teardown half-way: hold those signals
         # until it is done; they are delivered (with the restored handlers) right after.
         on_main = threading.current_thread() is threading.main_thread()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _TEARDOWN_SIGNALS) if on_main else None
+        with self._lock:
+            first = not self._closed and self._started
+            self._closed = self._closed or self._started
+        if not first:
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            return
         try:
             self._final_logs = self.logs()
+            # SIGTERM first so daemons can clean up; whatever is left after a second is killed
+            # (and delete_namespaces kills anything else still inside the namespaces).
             for p in self._procs:
-                p.kill() if p.alive else None
+                p.terminate()
+            deadline = time.monotonic() + 1.0
             for p in self._procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(5)
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        p.wait(5)
             # By prefix, not only self._created: a half-built namespace is removed too.
             names = sorted(set(self._created) | set(run_namespaces(self.run_id)))
             errors = delete_namespaces(names)
