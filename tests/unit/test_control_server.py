@@ -618,3 +618,26 @@ async def test_tls_listener(make_server: MakeServer, tmp_path: Path) -> None:
         assert (await r.json())["server_key"].startswith("mkey:")
     with pytest.raises(ConfigError, match="go together"):
         await make_server(state_dir=tmp_path / "other", tls_cert=cert)
+
+
+async def test_gc_freeze_after_growth_only_when_enabled(make_server: MakeServer) -> None:
+    import gc
+    from dataclasses import replace
+    from ipaddress import IPv4Address, IPv6Address
+
+    srv = await make_server(gc_freeze=True)
+    a = await join(srv, await new_key(srv), "a")
+    base = srv.hot.nodes[a.id].rec
+    gc.unfreeze()
+    try:
+        srv._gc_tune()
+        assert gc.get_freeze_count() == 0  # one node: nothing worth freezing
+        for i in range(2, 200):
+            srv.hot.upsert(replace(
+                base, id=i, machine_key=PrivateKey.generate().machine_public(),
+                ipv4=IPv4Address(0x64400000 + i), ipv6=IPv6Address((0xFD7A115CA1E0 << 80) + i),
+            ), recompile=False)
+        srv._gc_tune()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

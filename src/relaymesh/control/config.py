@@ -98,6 +98,9 @@ class ServerConfig:
     auth_max_skew: float = AUTH_MAX_SKEW_S
     coalesce: float = COALESCE_S
     stream_queue_max: int = STREAM_QUEUE_MAX
+    # Freeze long-lived objects out of the cyclic GC after growth (see ControlServer._gc_tune).
+    # Process-wide, so only `control serve` turns it on; tests running many servers leave it off.
+    gc_freeze: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -69,6 +70,8 @@ KEEPALIVE_LINE = b'{"type":"keepalive"}\n'
 # Upper bound of the adaptive coalescing delay: keeps a change's propagation well under 1 s.
 MAX_ADAPTIVE_COALESCE_S = 0.25
 HOUSEKEEPING_S = 1.0  # key-expiry sweep period: expiry is enforced within this delay
+GC_FREEZE_GROWTH = 1.25  # re-freeze after the node count grew by a quarter
+GC_FREEZE_MIN_NODES = 100  # below this a full GC pass is cheap: do not bother
 STOP_PERSIST_S = 2.0  # at shutdown, how long we keep writing last_seen of closed streams
 MAX_ENDPOINTS = 64  # an update listing more is garbage, not a node
 MAX_BODY = 64 * 1024
@@ -175,6 +178,7 @@ class ControlServer:
         self._offline_pending: dict[int, None] = {}  # ordered set of node ids to persist
         self._offline_wakeup = asyncio.Event()
         self._stopping = False
+        self._gc_frozen_at = GC_FREEZE_MIN_NODES
         self._last_flush_end = 0.0
         self.last_flush_s = 0.0  # CPU time of the last fan-out (recompile + deltas), for /health
 
@@ -413,6 +417,23 @@ class ControlServer:
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             self.check_expiry()
+            if self.config.gc_freeze:
+                self._gc_tune()
+
+    def _gc_tune(self) -> None:
+        """Move the hot state out of the cyclic GC's reach once it has grown.
+
+        Every node brings dozens of long-lived objects; a full GC pass walks all of them and, at
+        thousands of nodes, lands in the middle of a fan-out as a pause of hundreds of ms. After
+        the node count grew by GC_FREEZE_GROWTH (and no flush is pending) we collect once and
+        freeze the survivors, so later passes only see young objects.
+        """
+        nodes = len(self.hot.nodes)
+        if nodes < self._gc_frozen_at * GC_FREEZE_GROWTH or self._flush_handle is not None:
+            return
+        gc.collect()
+        gc.freeze()
+        self._gc_frozen_at = max(nodes, GC_FREEZE_MIN_NODES)
 
     def check_expiry(self) -> None:
         """Log out nodes whose key expiry has passed (called every second)."""
@@ -800,6 +821,7 @@ class ControlServer:
 async def run_server(config: ServerConfig, *, ready: Callable[[ControlServer], None] | None = None
                      ) -> None:
     """Run until SIGINT/SIGTERM; SIGHUP reloads the policy file and DERP map."""
+    config.gc_freeze = True
     server = ControlServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
