@@ -628,6 +628,7 @@ async def test_gc_freeze_after_growth_only_when_enabled(make_server: MakeServer)
     srv = await make_server(gc_freeze=True)
     a = await join(srv, await new_key(srv), "a")
     base = srv.hot.nodes[a.id].rec
+    await asyncio.sleep(0.2)  # the registration's flush has run: nothing pending
     gc.unfreeze()
     try:
         srv._gc_tune()
