@@ -319,6 +319,8 @@ class Netcheck:
         if self.started_at is None:
             return None
         if self._stun_done_at is None:
+            if self._all_answered():
+                return self.started_at  # due now: poll ends the STUN phase
             pending = [d for t, d in self._next_send.items() if t not in self._answered]
             return min([self.started_at + self.config.stun_timeout_s, *pending])
         if self._http_pending and self._http_started_at is not None:
