@@ -642,3 +642,21 @@ async def test_gc_freeze_after_growth_only_when_enabled(make_server: MakeServer)
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+async def test_stream_over_its_queue_limit_is_cut_and_reconnect_gets_full(
+    make_server: MakeServer,
+) -> None:
+    # A limit of 0 makes every delta overflow: the cut path without depending on socket buffers.
+    srv = await make_server(stream_queue_max=0)
+    key = await new_key(srv)
+    a = await join(srv, key, "a")
+    sa = await a.open_map()
+    assert (await sa.next(1))["type"] == "full"
+    b = await join(srv, key, "b")
+    with pytest.raises(EOFError):
+        await sa.next(2)
+    again = await a.open_map()
+    full = await again.next(1)
+    assert full["type"] == "full" and peer_ids(full) == {b.id}
+    again.close()

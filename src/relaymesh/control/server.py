@@ -587,9 +587,18 @@ class ControlServer:
         queue: asyncio.Queue[Json | None] = asyncio.Queue()
         limit = self.config.stream_queue_max
 
+        cut = False
+
         def deliver(msg: Json) -> None:
+            nonlocal cut
+            if cut:
+                return
             if queue.qsize() >= limit:
+                # Drop the backlog and end the stream: the client reconnects to a full map.
                 log.warning("node %d reads its map too slowly: cutting the stream", nid)
+                cut = True
+                while not queue.empty():
+                    queue.get_nowait()
                 queue.put_nowait(None)
                 return
             queue.put_nowait(msg)
