@@ -140,6 +140,9 @@ class NetcheckRunner:
         except (DerpError, OSError, TimeoutError, ValueError) as e:
             log.debug("netcheck: HTTP probe of %s failed: %s", probe.node_name, e)
             rtt = None
+        except Exception as e:  # an injected prober's bug must not leave the probe pending
+            log.warning("netcheck: HTTP prober raised for %s: %r", probe.node_name, e)
+            rtt = None
         self.core.http_result(probe, rtt, self._loop.time())
         self._wake.set()
 
