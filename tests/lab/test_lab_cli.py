@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -86,3 +87,27 @@ def test_errors_are_one_line_without_traceback(cli_env: dict[str, str]) -> None:
         assert cp.returncode != 0, args
         assert "Traceback" not in cp.stderr, args
         assert len(cp.stderr.strip().splitlines()) == 1, (args, cp.stderr)
+
+
+def test_down_cleans_up_after_a_lab_whose_owner_died(cli_env: dict[str, str]) -> None:
+    """A recorded lab whose `up` process is gone (e.g. SIGKILL) is listed stale and removed."""
+    run_id = new_run_id()
+    ns = f"rm-{run_id}-a"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    state = Path(cli_env["RELAYMESH_LAB_STATE"])
+    state.mkdir(parents=True)
+    (state / f"{run_id}.json").write_text(json.dumps({
+        "run": run_id, "name": "ghost", "pid": dead.pid, "created": 0, "topology": {},
+        "nodes": {"a": {"name": "a", "netns": ns, "role": "host", "address": "198.18.1.2",
+                        "address6": None, "public_address": "198.18.1.2", "network": None,
+                        "nat": None}}}))
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        assert "stale" in _cli(cli_env, "list").stdout
+        cp = _cli(cli_env, "down", run_id)
+        assert cp.returncode == 0, cp.stderr
+        assert run_namespaces(run_id) == []
+        assert not (state / f"{run_id}.json").exists()
+    finally:
+        cleanup_run(run_id)
