@@ -304,7 +304,7 @@ class Netcheck:
                 if t in self._answered or due is None or due > now:
                     continue
                 out.append(self._send(t, now))
-            if self._all_answered() or now >= self.started_at + self.config.stun_timeout_s:
+            if self.all_answered() or now >= self.started_at + self.config.stun_timeout_s:
                 self._stun_done_at = now
                 self._outstanding.clear()
                 out.extend(self._start_http(now))
@@ -319,7 +319,7 @@ class Netcheck:
         if self.started_at is None:
             return None
         if self._stun_done_at is None:
-            if self._all_answered():
+            if self.all_answered():
                 return self.started_at  # due now: poll ends the STUN phase
             pending = [d for t, d in self._next_send.items() if t not in self._answered]
             return min([self.started_at + self.config.stun_timeout_s, *pending])
@@ -343,7 +343,8 @@ class Netcheck:
             self._next_send.pop(t, None)
         return StunProbe(t, txid, packet)
 
-    def _all_answered(self) -> bool:
+    def all_answered(self) -> bool:
+        """Every STUN target answered: a driver waiting for the next deadline can stop early."""
         return all(t in self._answered for t in self.targets)
 
     def _start_http(self, now: float) -> list[Action]:
