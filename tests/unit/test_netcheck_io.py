@@ -5,8 +5,11 @@ blocked (HTTP fallback), and a responder that maps like a hard NAT."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -223,3 +226,22 @@ async def test_ipv6_stun_server_gives_a_global_v6() -> None:
         v6.close()
     assert report.global_v4 is not None and report.global_v4.startswith("127.0.0.1:")
     assert report.global_v6 is not None and report.global_v6.startswith("[::1]:")
+
+
+async def test_module_entry_point_prints_the_report(two_derps: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    path = tmp_path / "derp.json"
+    path.write_text(json.dumps(two_derps))
+    outs = []
+    for extra in (["--json"], []):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relaymesh.magicsock.netcheck_io", str(path),
+            "--bind", "127.0.0.1:0", *extra,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        outs.append(out.decode())
+    d = json.loads(outs[0])
+    assert d["udp"] is True and d["global_v4"].startswith("127.0.0.1:")
+    assert d["region_latency_via"] == {"1": "stun", "2": "stun"}
+    assert "UDP: true" in outs[1] and "- lo1: " in outs[1] and "- lo2: " in outs[1]

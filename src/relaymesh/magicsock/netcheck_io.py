@@ -264,3 +264,26 @@ def _has_v6_target(derp_map: Mapping[str, Any], resolved: Mapping[str, list[str]
                 if ipaddress.ip_address(ip).version == 6:
                     return True
     return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m relaymesh.magicsock.netcheck_io DERP_MAP.json [--json] [--bind IP:PORT]``:
+    one check without the daemon (lab hosts, debugging); exit 0 when any region answered."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m relaymesh.magicsock.netcheck_io")
+    p.add_argument("derp_map", type=Path, help="DERP map JSON file ({\"regions\": [...]})")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--bind", default="0.0.0.0:0", help="local IPv4 IP:PORT of the fresh socket")
+    a = p.parse_args(argv)
+    derp_map = json.loads(a.derp_map.read_text())
+    host, _, port = str(a.bind).rpartition(":")
+    report = asyncio.run(netcheck(derp_map, bind_v4=(host or "0.0.0.0", int(port))))
+    print(report.to_json() if a.json else report.summary())
+    return 0 if report.region_latency_ms else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
