@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 
@@ -159,3 +160,33 @@ def test_falls_back_to_userspace_when_nft_cannot_run(lab_factory: Callable[..., 
             c.close()
     assert subprocess.run(["ip", "netns", "exec", lab.netns("r"), "nft", "list", "table", "inet",
                            TABLE], capture_output=True, check=False).returncode != 0
+
+
+def test_kernel_path_enforces_the_per_client_packet_limit(
+        lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(relay_topology())
+    limits = RelayLimits(packets_per_second=100.0, packet_burst=20.0)
+    w = start_world(lab, kernel=True, limits=limits)
+    try:
+        assert w.service.kernel is not None, w.service.kernel_reason
+        ep = w.bound()
+        assert wait_for(lambda: len(flow_sources(lab)) == 2)
+        shell = w.service.shell
+        assert shell is not None
+        shell.pause()  # only the kernel decides
+        t0 = time.monotonic()
+        for _ in range(300):
+            w.a.send(ep, b"flood" + bytes(100))
+        elapsed = time.monotonic() - t0
+        got = len(w.b.recv_all(300, timeout=1.0))
+        allowed = 20 + 100 * (elapsed + 0.05)  # burst + rate over the send time, some slack
+        assert 20 <= got <= allowed, (got, elapsed)
+        w.service.sync_kernel()
+        assert w.drops().get("rate_limited", 0) == 300 - got  # counted in the kernel, credited
+        # B's direction has its own bucket (another client): not limited by A's flood
+        back = [w.b.send(ep, b"b") for _ in range(10)]
+        assert sorted(w.a.recv_all(10)) == sorted(back)
+    finally:
+        w.service.stop()
+        for c in (w.a, w.b, *w.extra):
+            c.close()
