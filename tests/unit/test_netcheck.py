@@ -290,11 +290,13 @@ def test_random_bytes_never_raise_out_of_receive() -> None:
                 "stun_answers")) == 3000
 
 
-def test_bad_regions_in_the_map_are_skipped() -> None:
-    dm = {"regions": [{"code": "no-id"}, {"id": "x"}, {"id": 3, "nodes": [{"host": R1_A}]}]}
+def test_bad_regions_and_nodes_in_the_map_are_skipped() -> None:
+    nodes = [{"host": R1_B, "stun_port": "x"}, "junk", {"host": R1_A}]
+    dm = {"regions": [{"code": "no-id"}, {"id": "x"}, {"id": 3, "nodes": nodes}]}
     core = Netcheck(dm)
-    assert [t.region_id for t in core.targets] == [3]
-    assert core.counters["bad_region"] == 2
+    assert [(t.region_id, t.node_name, t.dest) for t in core.targets] == [(3, R1_A, (R1_A, 3478))]
+    assert core.counters["bad_region"] == 2 and core.counters["bad_node"] == 1
+    assert [name for name, _ in core.http_nodes[3]] == [R1_B, R1_A]  # unnamed: the host
 
 
 def test_equal_latencies_prefer_the_lower_region_id() -> None:

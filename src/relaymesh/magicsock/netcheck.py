@@ -246,30 +246,9 @@ class Netcheck:
                 continue
             self.region_names[rid] = str(region.get("code") or region.get("name") or rid)
             nodes = [n for n in region.get("nodes", []) or [] if isinstance(n, Mapping)]
-            self.http_nodes[rid] = [(str(n.get("name", "")), n) for n in nodes if n.get("host")]
-            stun_nodes = 0
-            for n in nodes:
-                if stun_nodes >= self.config.max_stun_nodes_per_region:
-                    break
-                port = n.get("stun_port", DEFAULT_STUN_PORT)
-                port = DEFAULT_STUN_PORT if port is None else int(port)
-                if port <= 0 or port > 0xFFFF:
-                    continue  # STUN switched off for this node
-                host = str(n.get("host", ""))
-                lit = ip_literal(host)
-                ips = [lit] if lit is not None else [
-                    ip for ip in (ip_literal(a) for a in (resolved or {}).get(host, ()))
-                    if ip is not None]
-                ips = [ip for ip in ips if ipaddress.ip_address(ip).version in fams]
-                if not ips:
-                    self.counters["node_without_stun_address"] += 1
-                    continue
-                stun_nodes += 1
-                v4 = next((ip for ip in ips if ":" not in ip), None)
-                v6 = next((ip for ip in ips if ":" in ip), None)
-                for ip in (v4, v6):
-                    if ip is not None:
-                        self.targets.append(StunTarget(rid, str(n.get("name", host)), (ip, port)))
+            self.http_nodes[rid] = [(str(n.get("name") or n["host"]), n)
+                                    for n in nodes if n.get("host")]
+            self._plan_stun(rid, nodes, resolved or {}, fams)
         self.started_at: float | None = None
         self._outstanding: dict[bytes, _Outstanding] = {}
         self._sends: dict[StunTarget, int] = {}
@@ -281,6 +260,37 @@ class Netcheck:
         self._http_started_at: float | None = None
         self._http_pending: set[HttpProbe] = set()
         self._http_rtt: dict[int, float] = {}
+
+    def _plan_stun(self, rid: int, nodes: list[Mapping[str, Any]],
+                   resolved: Mapping[str, Sequence[str]], fams: set[int]) -> None:
+        """STUN targets of one region: the first nodes (up to the limit) that have STUN and an
+        address of a family the shell can send on; one target per family."""
+        planned = 0
+        for n in nodes:
+            if planned >= self.config.max_stun_nodes_per_region:
+                return
+            try:
+                raw = n.get("stun_port", DEFAULT_STUN_PORT)
+                port = DEFAULT_STUN_PORT if raw is None else int(raw)
+            except (TypeError, ValueError):
+                self.counters["bad_node"] += 1
+                continue
+            if port <= 0 or port > 0xFFFF:
+                continue  # STUN switched off for this node
+            host = str(n.get("host", ""))
+            lit = ip_literal(host)
+            cands = [lit] if lit is not None else [ip_literal(a) for a in resolved.get(host, ())]
+            ips = [ip for ip in cands
+                   if ip is not None and ipaddress.ip_address(ip).version in fams]
+            if not ips:
+                self.counters["node_without_stun_address"] += 1
+                continue
+            planned += 1
+            name = str(n.get("name") or host)
+            for want_v6 in (False, True):
+                ip = next((a for a in ips if (":" in a) is want_v6), None)
+                if ip is not None:
+                    self.targets.append(StunTarget(rid, name, (ip, port)))
 
     # -- driving ----------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
