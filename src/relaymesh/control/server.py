@@ -531,9 +531,10 @@ class ControlServer:
                     relay_server_port=r.relay_server_port, key_expiry=r.key_expiry,
                 )
             else:
-                key = await self._peek_preauth_key(auth_key)
-                node_tags: list[str] | None = None
+                node_tags: list[str] | None = None  # None: the key's tags apply
                 if tags:
+                    # Check the requested tags against the key before it is consumed.
+                    key = await self._peek_preauth_key(auth_key)
                     for t in tags:
                         if t not in key.tags and not hot.policy.may_own_tag(key.user, t):
                             raise ApiError(403, f"{t} not permitted for this key/user")
