@@ -134,8 +134,8 @@ def test_bound_pair_forwards_unmodified_both_ways(world: World) -> None:
     world.b.sock.sendto(b_to_a, world.b.relay)
     assert world.a.recv() == b_to_a
     st = world.shell.counters
-    assert wait_for(lambda: st.forwarded_packets == 2)
-    assert st.forwarded_bytes == len(a_to_b) + len(b_to_a)
+    assert wait_for(lambda: st.forwarded_packets == 2
+                    and st.forwarded_bytes == len(a_to_b) + len(b_to_a))
 
 
 def test_burst_is_forwarded_in_order_and_counted(world: World) -> None:
@@ -194,9 +194,12 @@ def test_malformed_input_is_counted_and_the_loop_survives(world: World) -> None:
     junk = [b"", b"x", b"\x00" * 7, b"\x00\x80\x52\x44\x00\x00\x01\x00", b"\xff" * 100,
             relay.encode_header(ep.session_id, relay.PROTO_DISCO, control=True) + b"garbage",
             data(ep, b"")[:4]]
+    before = world.shell.counters.rx_packets
     for j in junk:
         world.a.sock.sendto(j, world.a.relay)
-    assert wait_for(lambda: world.shell.counters.rx_packets >= len(junk))
+    # the empty datagram is counted as a drop, not as a received packet
+    assert wait_for(lambda: world.shell.counters.rx_packets == before + len(junk) - 1
+                    and world.shell.counters.drops.get("empty", 0) == 1)
     assert world.shell.running
     drops = world.drops()
     assert drops.get("short", 0) >= 3  # 1, 7 and 4 bytes
@@ -271,3 +274,46 @@ def test_stop_closes_the_socket_and_thread(world: World) -> None:
     world.shell.stop()
     assert not world.shell.running
     assert world.shell.sock.fileno() == -1
+
+
+def test_ipv6_clients_bind_and_forward_on_the_dual_stack_socket() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    server = RelayServer(PrivateKey.generate(), time.monotonic())
+    shell = RelayUDP(server, 0)
+    if shell.sock.family != socket.AF_INET6:
+        shell.sock.close()
+        pytest.skip("IPv6 socket unavailable: the shell fell back to IPv4")
+    server.candidates = [(IPv4Address("127.0.0.1"), shell.port)]
+    shell.start()
+    keys = [PrivateKey.generate(), PrivateKey.generate()]
+    socks = []
+    try:
+        with shell.lock:
+            resp = server.handle_allocate(keys[0].disco_public(), keys[1].disco_public(), 1,
+                                          time.monotonic(), allowed=True)
+        assert resp is not None
+        ep = resp.endpoint
+        for key in keys:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.bind(("::1", 0))
+            s.settimeout(TIMEOUT)
+            bc = relay.BindClient(key, ep, 1)
+            s.sendto(bc.bind_packet(), ("::1", shell.port))
+            s.sendto(bc.handle_packet(s.recv(2048)), ("::1", shell.port))
+            socks.append(s)
+
+        def addrs() -> set[object]:
+            with shell.lock:
+                st = server.session_stats(ep.session_id)
+            return set() if st is None else set(st.addrs)
+
+        want = {("::1", s.getsockname()[1]) for s in socks}
+        assert wait_for(lambda: addrs() == want)
+        pkt = data(ep, b"over IPv6")
+        socks[0].sendto(pkt, ("::1", shell.port))
+        assert socks[1].recv(2048) == pkt
+    finally:
+        shell.stop()
+        for s in socks:
+            s.close()

@@ -37,6 +37,7 @@ from relaymesh.relay.udp import RelayUDP
 log = logging.getLogger(__name__)
 
 SYNC_INTERVAL = 1.0  # s between kernel-path syncs (counter credit, rule updates)
+MIN_SYNC_GAP = 0.25  # s: a flood of control packets triggers at most 4 nft runs per second
 
 IsAllowed = Callable[[DiscoKey, DiscoKey], bool]
 Resolver = Callable[[DiscoKey], str | None]
@@ -203,9 +204,10 @@ class RelayService:
     def _sync_loop(self) -> None:
         while not self._stopping.is_set():
             self._sync_kick.wait(self.sync_interval)
-            self._sync_kick.clear()
-            if self._stopping.is_set():
+            # a kick (a batch with control packets) is honoured, but not more often than this
+            if self._stopping.wait(min(MIN_SYNC_GAP, self.sync_interval)):
                 return
+            self._sync_kick.clear()
             kp, shell = self.kernel, self.shell
             if kp is None or shell is None:
                 return
