@@ -245,3 +245,10 @@ async def test_module_entry_point_prints_the_report(two_derps: dict[str, Any],
     assert d["udp"] is True and d["global_v4"].startswith("127.0.0.1:")
     assert d["region_latency_via"] == {"1": "stun", "2": "stun"}
     assert "UDP: true" in outs[1] and "- lo1: " in outs[1] and "- lo2: " in outs[1]
+
+
+async def test_malformed_map_entries_are_skipped_by_the_shell(two_derps: dict[str, Any]) -> None:
+    good = two_derps["regions"][0]
+    dm = {"regions": ["junk", {"id": 7, "nodes": ["x", 3]}, good]}
+    report = await netcheck(dm, bind_v4=("127.0.0.1", 0), config=FAST, http_prober=no_http)
+    assert report.region_latency_via == {1: "stun"}

@@ -209,6 +209,18 @@ class _Outstanding:
     sent_at: float
 
 
+def derp_hosts(derp_map: Mapping[str, Any]) -> list[str]:
+    """Every node host of a DERP map (malformed entries skipped): what the shell resolves."""
+    out: list[str] = []
+    for region in derp_map.get("regions", []) or []:
+        if not isinstance(region, Mapping):
+            continue
+        for n in region.get("nodes", []) or []:
+            if isinstance(n, Mapping) and n.get("host") and str(n["host"]) not in out:
+                out.append(str(n["host"]))
+    return out
+
+
 def ip_literal(host: str) -> str | None:
     """The canonical text of an IP address literal (brackets allowed), else None."""
     try:
@@ -240,6 +252,8 @@ class Netcheck:
         fams = set(families)
         for region in derp_map.get("regions", []) or []:
             try:
+                if not isinstance(region, Mapping):
+                    raise TypeError("region is not an object")
                 rid = int(region["id"])
             except (KeyError, TypeError, ValueError):
                 self.counters["bad_region"] += 1

@@ -36,6 +36,7 @@ from relaymesh.magicsock.netcheck import (
     NetcheckConfig,
     Report,
     StunProbe,
+    derp_hosts,
     ip_literal,
 )
 
@@ -67,9 +68,7 @@ def _normalize(src: Any) -> Addr:
 async def resolve_hosts(derp_map: Mapping[str, Any], timeout: float = DNS_TIMEOUT_S
                         ) -> dict[str, list[str]]:
     """Addresses of every DERP node host that is not an IP literal (failures: left out)."""
-    names = {str(n.get("host")) for r in derp_map.get("regions", []) or []
-             for n in r.get("nodes", []) or [] if isinstance(n, Mapping) and n.get("host")}
-    names = {h for h in names if ip_literal(h) is None}
+    names = [h for h in derp_hosts(derp_map) if ip_literal(h) is None]
     loop = asyncio.get_running_loop()
 
     async def one(host: str) -> tuple[str, list[str]]:
@@ -81,7 +80,7 @@ async def resolve_hosts(derp_map: Mapping[str, Any], timeout: float = DNS_TIMEOU
             return host, []
         return host, list(dict.fromkeys(str(i[4][0]) for i in infos))
 
-    return dict(await asyncio.gather(*(one(h) for h in sorted(names))))
+    return dict(await asyncio.gather(*(one(h) for h in names)))
 
 
 class NetcheckRunner:
@@ -256,13 +255,11 @@ async def netcheck(
 
 
 def _has_v6_target(derp_map: Mapping[str, Any], resolved: Mapping[str, list[str]]) -> bool:
-    for r in derp_map.get("regions", []) or []:
-        for n in r.get("nodes", []) or []:
-            host = str(n.get("host", "")) if isinstance(n, Mapping) else ""
-            lit = ip_literal(host)
-            for ip in ([lit] if lit else resolved.get(host, [])):
-                if ipaddress.ip_address(ip).version == 6:
-                    return True
+    for host in derp_hosts(derp_map):
+        lit = ip_literal(host)
+        for ip in ([lit] if lit else resolved.get(host, [])):
+            if ipaddress.ip_address(ip).version == 6:
+                return True
     return False
 
 
