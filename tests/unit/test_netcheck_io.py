@@ -126,7 +126,7 @@ async def test_nothing_answers_at_all() -> None:
         dead.close()
     assert report.udp is False and report.region_latency_ms == {}
     assert report.preferred_region is None
-    assert took < FAST.stun_timeout_s + FAST.http_timeout_s + 1.0  # bounded by the deadlines
+    assert took < FAST.stun_timeout_s + FAST.http_timeout_s + 3.0  # bounded by the deadlines
 
 
 class _DifferentPortPerDestination(asyncio.DatagramProtocol):
