@@ -168,3 +168,23 @@ def test_ruleset_deletes_what_is_no_longer_needed() -> None:
     assert "delete limit inet relaymesh_relay lp_dead" in text
     assert "delete counter inet relaymesh_relay c_5_0" not in text
     assert "delete chain inet relaymesh_relay s_198_18_1_2_4000" not in text
+
+
+def test_no_kernel_flow_towards_the_relay_host_itself() -> None:
+    a, local = ("198.18.1.2", 4000), ("198.18.3.2", 41641)  # B is the relay's own node
+
+    def route(dst: str) -> str:
+        return dst if dst == local[0] else "198.18.3.2"  # `ip route get` of a local address
+
+    flows = flows_for([_stats(7, State.BOUND, a, local)], route)
+    assert [(f.src, f.dst) for f in flows] == [(local, a)]
+
+
+def test_two_sessions_from_one_source_share_its_chain() -> None:
+    src = ("198.18.1.2", 4000)
+    f1 = Flow(1, 0, src, ("198.18.2.2", 5000), "198.18.3.2", "aa")
+    f2 = Flow(2, 0, src, ("198.18.4.2", 6000), "198.18.3.2", "aa")
+    text = ruleset(40000, [f1, f2], RelayLimits())
+    assert text.count("add element inet relaymesh_relay pre_flows") == 1
+    assert "@th,96,24 0x000001" in text and "@th,96,24 0x000002" in text
+    assert text.count("add element inet relaymesh_relay post_flows") == 2

@@ -36,7 +36,9 @@ per flow and read with ``nft -j list counters``; :meth:`KernelPath.sync` credits
 (packets, bytes, last-seen: so a kernel-forwarded session does not idle out) and counts the
 over-limit drops as ``rate_limited``.
 
-Limits: IPv4 only (IPv6 and mixed-family sessions stay in userspace); the host must forward IPv4
+Limits: IPv4 only (IPv6 and mixed-family sessions stay in userspace), and a flow towards the relay
+host itself stays in userspace (locally delivered packets never pass postrouting, so their source
+could not be rewritten); the host must forward IPv4
 (``net.ipv4.ip_forward=1``, set by :meth:`KernelPath.start` and restored by ``stop``) and no other
 ruleset may drop forwarded traffic; rules follow the core within one sync interval (a re-bind or an
 expiry is applied at the next sync, which the service also triggers on every bind).
@@ -105,7 +107,8 @@ def _is_v4(ip: str) -> bool:
 def flows_for(
     sessions: Iterable[SessionStats], relay_ip_for: Callable[[str], str | None]
 ) -> list[Flow]:
-    """The flows the kernel should forward: both directions of every bound IPv4 session."""
+    """The flows the kernel should forward: both directions of every bound IPv4 session, except
+    a direction whose destination is the relay host itself (``relay_ip_for(dst) == dst``)."""
     flows: list[Flow] = []
     for st in sessions:
         a, b = st.addrs
@@ -115,7 +118,10 @@ def flows_for(
             continue
         for side, (src, dst) in enumerate(((a, b), (b, a))):
             rip = relay_ip_for(dst[0])
-            if rip is None or not _is_v4(rip):
+            # A destination on the relay host itself (a relay serving its own node) would get
+            # the packet delivered locally with the sender's source, never source-rewritten
+            # (postrouting is not on the local-delivery path): userspace handles that flow.
+            if rip is None or not _is_v4(rip) or rip == dst[0]:
                 continue
             flows.append(Flow(st.session_id, side, src, dst, rip, st.clients[side].raw[:8].hex()))
     return sorted(flows)
