@@ -29,7 +29,6 @@ unless ``--no-docs``. Needs root::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
@@ -38,13 +37,10 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,15 +48,13 @@ from _common import CLK_TCK, ROOT, median, update_doc_section
 from relaymesh import disco, relay
 from relaymesh.keys import PrivateKey
 from relaymesh.lab import Lab, Topology
+from relaymesh.lab.netns import run_in_netns
 from relaymesh.relay import RelayLimits
 from relaymesh.relay.service import RelayService
 from relaymesh.wireguard.datapath import open_udp_socket
 
 DOC = ROOT / "docs" / "benchmarks.md"
-CLONE_NEWNET = 0x40000000  # <sched.h>
 SO_RCVBUFFORCE = 33  # <asm/socket.h>
-T = TypeVar("T")
-_libc = ctypes.CDLL(None, use_errno=True)
 # Limits high enough that the flood measures forwarding, not the per-client rate limiter.
 BENCH_LIMITS = RelayLimits(packets_per_second=10_000_000, packet_burst=1_000_000,
                            bytes_per_second=1e11, byte_burst=1e10)
@@ -127,29 +121,6 @@ print(json.dumps({"count": count, "bytes": nbytes, "first": first, "last": last}
 """
 
 
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a thread inside network namespace ``ns`` (sockets keep their namespace)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {ns}")
-                box["r"] = fn()
-            finally:
-                os.close(fd)
-        except BaseException as e:
-            box["e"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]
-    return box["r"]  # type: ignore[no-any-return]
-
 
 def client_socket(ns: str) -> socket.socket:
     def make() -> socket.socket:
@@ -158,7 +129,7 @@ def client_socket(ns: str) -> socket.socket:
         s.bind(("0.0.0.0", 0))
         return s
 
-    return in_netns(ns, make)
+    return run_in_netns(ns, make)
 
 
 def thread_cpu(tid: int) -> float:
@@ -204,7 +175,7 @@ def one_run(lab: Lab, variant: str, count: int, size: int, seconds: float) -> Ru
         PrivateKey.generate(), lambda x, y: True, limits=BENCH_LIMITS, discover_candidates=False,
         kernel=kernel, kernel_netns=ns_r if kernel else None,
         offload=variant != "userspace-no-offload",
-        socket_factory=lambda port: in_netns(ns_r, lambda: open_udp_socket(port)))
+        socket_factory=lambda port: run_in_netns(ns_r, lambda: open_udp_socket(port)))
     sa, sb = client_socket(lab.netns("a")), client_socket(lab.netns("b"))
     try:
         port = svc.start(0)

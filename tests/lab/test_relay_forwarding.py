@@ -8,56 +8,28 @@ crosses the real NATs. Run with the userspace loop and with the nftables fast pa
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from relaymesh import disco, relay
 from relaymesh.keys import PrivateKey
 from relaymesh.lab import Lab, Topology
+from relaymesh.lab.netns import run_in_netns
 from relaymesh.relay import RelayLimits
 from relaymesh.relay.service import RelayService
 from relaymesh.wireguard.datapath import open_udp_socket
 
 pytestmark = pytest.mark.lab
 
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000  # <sched.h>
 TIMEOUT = 3.0
-_libc = ctypes.CDLL(None, use_errno=True)
 
-
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a thread that has joined network namespace ``ns``; return its result."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {ns}: {os.strerror(err)}")
-                box["result"] = fn()
-            finally:
-                os.close(fd)
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]  # type: ignore[no-any-return]
 
 
 def udp_socket_in(ns: str) -> socket.socket:
@@ -67,7 +39,7 @@ def udp_socket_in(ns: str) -> socket.socket:
         s.bind(("0.0.0.0", 0))
         return s
 
-    return in_netns(ns, make)
+    return run_in_netns(ns, make)
 
 
 class Client:
@@ -190,7 +162,7 @@ def start_world(lab: Lab, *, kernel: bool, limits: RelayLimits | None = None,
         PrivateKey.generate(), allowed, resolver=names.get, limits=limits,
         static_endpoints=[(IPv4Address(lab.address("r")), 0)], discover_candidates=False,
         kernel=kernel, kernel_netns=ns_r if kernel else None, sync_interval=0.2,
-        socket_factory=lambda port: in_netns(ns_r, lambda: open_udp_socket(port)))
+        socket_factory=lambda port: run_in_netns(ns_r, lambda: open_udp_socket(port)))
     port = service.start(0)
     service.set_candidates([(IPv4Address(lab.address("r")), port)])
     relay_addr = (lab.address("r"), port)

@@ -470,3 +470,20 @@ def test_rate_limit_is_per_client_across_its_sessions() -> None:
     sent = [w.srv.forward(data(ep, b"x"), A_ADDR, 2.0) for _ in range(2)]
     sent += [w.srv.forward(data(ep2, b"x"), a2, 2.0) for _ in range(2)]
     assert sent.count(None) == 1  # A's burst of 3 covers both of its sessions together
+
+
+def test_credit_keeps_a_kernel_forwarded_session_alive() -> None:
+    """Traffic the kernel fast path forwarded counts as activity, so the session does not idle out."""
+    limits = RelayLimits(idle_lifetime=10.0)
+    w, ep = bound_pair(limits)
+    other, _ = bound_pair(limits)
+    sid = ep.session_id
+    assert not w.srv.credit(sid + 1000, 0, 1, 100, 5.0)  # unknown session
+    for t in (5.0, 10.0, 15.0):  # both sides forwarded in the kernel, unseen by the core
+        assert w.srv.credit(sid, 0, 3, 300, t)
+        assert w.srv.credit(sid, 1, 2, 200, t)
+    stats = w.srv.session_stats(sid)
+    assert stats is not None and stats.packets == (9, 6) and stats.bytes == (900, 600)
+    assert w.srv.expire(16.0) == 0  # credited: alive past the idle lifetime from the bind at 1.0
+    assert w.srv.forward(data(ep, b"x"), A_ADDR, 16.0) == B_ADDR
+    assert other.srv.expire(16.0) == 1  # the same session without credit idles out

@@ -206,24 +206,6 @@ class KernelStats:
     errors: int = 0
 
 
-def credit(server: RelayServer, session_id: int, side: int, packets: int, nbytes: int,
-           now: float) -> bool:
-    """Tell the core that the kernel forwarded ``packets`` from ``side`` of a session.
-
-    The core sees none of these packets, so without this its per-side counters stand still and a
-    busy kernel-forwarded session would idle out. Reaches into the core's session table (no public
-    hook exists yet); returns False when the session is gone. Call with the core's lock held.
-    """
-    sess = server._sessions.get(session_id)
-    if sess is None:
-        return False
-    s = sess.sides[side]
-    s.packets += packets
-    s.bytes += nbytes
-    if packets:
-        s.last_seen = max(s.last_seen, now)
-    return True
-
 
 class KernelPath:
     """Keeps ``table inet relaymesh_relay`` in step with a :class:`RelayServer`'s bound sessions.
@@ -362,7 +344,7 @@ class KernelPath:
                     lp, lb = self._last.get(f.counter, (0, 0))
                     dp, db = cur[0] - lp, cur[1] - lb
                     if dp > 0 or db > 0:
-                        credit(server, f.session_id, f.side, dp, db, now)
+                        server.credit(f.session_id, f.side, dp, db, now)
                         self.stats.forwarded_packets += dp
                         self.stats.forwarded_bytes += db
                     self._last[f.counter] = cur

@@ -512,6 +512,22 @@ class RelayServer:
 
     # ---- forwarding (hot path) ---------------------------------------------------------------
 
+    def credit(self, session_id: int, side: int, packets: int, nbytes: int, now: float) -> bool:
+        """Account for packets forwarded outside this core (the kernel fast path).
+
+        Without it a kernel-forwarded session's counters stand still and it would idle out.
+        Returns False when the session is gone.
+        """
+        sess = self._sessions.get(session_id)
+        if sess is None:
+            return False
+        s = sess.sides[side]
+        s.packets += packets
+        s.bytes += nbytes
+        if packets:
+            s.last_seen = max(s.last_seen, now)
+        return True
+
     def forward(self, packet: bytes, source: Addr, now: float) -> Addr | None:
         """Data packet -> destination address, or None.
 
