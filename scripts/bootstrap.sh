@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(iproute2 nftables iperf3 wireguard-go wireguard-tools tcpdump procps postgresql)
+APT_PKGS=(iproute2 nftables iperf3 wireguard-go wireguard-tools tcpdump procps postgresql nebula)
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${APT_PKGS[@]}"; do
