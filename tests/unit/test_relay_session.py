@@ -473,7 +473,7 @@ def test_rate_limit_is_per_client_across_its_sessions() -> None:
 
 
 def test_credit_keeps_a_kernel_forwarded_session_alive() -> None:
-    """Traffic the kernel fast path forwarded counts as activity, so the session does not idle out."""
+    """Traffic the kernel fast path forwarded counts as activity: the session does not idle out."""
     limits = RelayLimits(idle_lifetime=10.0)
     w, ep = bound_pair(limits)
     other, _ = bound_pair(limits)
