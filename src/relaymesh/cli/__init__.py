@@ -26,6 +26,7 @@ SUBCOMMANDS = [
     "relaymesh.cli.get",
     "relaymesh.cli.netcheck",
     "relaymesh.cli.derp",
+    "relaymesh.cli.debug",
 ]
 
 

@@ -22,8 +22,12 @@ from relaymesh.wireguard.tun import check_ifname
 @click.option("--tun", default="relaymesh0", show_default=True, help="TUN interface name.")
 @click.option("--port", default=41641, show_default=True, type=click.IntRange(0, 65535),
               help="UDP port for WireGuard and disco (0: any free port).")
+@click.option("--derp-node", default=None, metavar="NAME",
+              help="Use this server (by its DERP map node name) in its region instead of the "
+              "region's first one (operations, tests of meshed servers).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def command(state_dir: Path, socket_path: Path, tun: str, port: int, verbose: bool) -> None:
+def command(state_dir: Path, socket_path: Path, tun: str, port: int, derp_node: str | None,
+            verbose: bool) -> None:
     """Run the node daemon in the foreground until SIGINT/SIGTERM."""
     from relaymesh.node.daemon import DaemonError, run
 
@@ -38,6 +42,6 @@ def command(state_dir: Path, socket_path: Path, tun: str, port: int, verbose: bo
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        asyncio.run(run(state_dir, socket_path, tun, port))
+        asyncio.run(run(state_dir, socket_path, tun, port, derp_node=derp_node))
     except DaemonError as e:
         raise Fail(str(e)) from None

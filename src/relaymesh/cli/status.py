@@ -25,6 +25,13 @@ def _v4(addrs: list[str]) -> str:
     return addrs[0].split("/")[0] if addrs else "-"
 
 
+def _via(p: dict[str, Any]) -> str:
+    """``direct ip:port`` or ``derp(region)`` (older daemons: path and endpoint)."""
+    if p.get("via"):
+        return str(p["via"])
+    return " ".join(str(x) for x in (p.get("path"), p.get("endpoint")) if x) or "-"
+
+
 def render(st: dict[str, Any], now: float) -> list[str]:
     me = st.get("self") or {}
     lines = [f"{_v4(me.get('addresses') or []):<16}{me.get('name') or '-':<20}"
@@ -32,7 +39,7 @@ def render(st: dict[str, Any], now: float) -> list[str]:
     for p in st.get("peers") or []:
         lines.append(
             f"{_v4(p.get('addresses') or []):<16}{p.get('name') or '-':<20}"
-            f"{p.get('path') or '-':<12}{p.get('endpoint') or '-':<24}"
+            f"{_via(p):<32}"
             f"tx {p.get('tx_bytes', 0)} rx {p.get('rx_bytes', 0)}  "
             f"handshake {_ago(p.get('last_handshake'), now)}  "
             f"{'online' if p.get('online') else 'offline'}"

@@ -262,6 +262,15 @@ class PeerPaths:
         if cand.kind is Path.DIRECT and cand.addr is not None:
             self.add_direct_candidate(cand.addr)
 
+    def reprobe_now(self, now: float) -> list[Action]:
+        """Probe every candidate at once: the peer's endpoints changed, it pinged us, or it sent
+        call-me-maybe. The peer counts as active from now (it is looking for us), so the usual
+        re-probing follows if this round finds nothing. Path state (a chosen best, latencies)
+        is kept: a pong still has to beat the current path by the usual rules."""
+        if self.last_send is None or now - self.last_send > SESSION_ACTIVE_TIMEOUT:
+            self.last_send = now
+        return self._probe_all(now)
+
     def tick(self, now: float) -> list[Action]:
         """Timers: heartbeats, suspicion and drop, re-probing, relay discovery and keepalive."""
         actions: list[Action] = []

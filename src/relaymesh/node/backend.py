@@ -10,6 +10,15 @@ breaks it retries with exponential backoff (``BACKOFF_BASE`` doubling up to ``BA
 jitter so a restarted server is not hit by every node at once). The engine is untouched meanwhile:
 the data plane keeps working on the last map while the control server is down. A refusal
 (401/403/404: node deleted or expired) is final: the node goes to ``NeedsLogin``.
+
+NAT traversal and DERP (issue 5, docs/magicsock.md): when the map brings a DERP map the node
+connects to a home region at once (so peers reach it before anything is measured), then runs
+netcheck over the shared UDP socket (STUN answers are taken off the datapath by
+``TrackingDevice``), moves home to the fastest region, and reports its endpoints (local addresses
+plus the STUN mapping) and ``home_derp`` to the control server. Netcheck repeats every
+``NETCHECK_INTERVAL``. Each peer's route (direct, DERP, or both while mirroring) is recomputed
+from the disco layer on every disco event and every ``DISCO_TICK`` and pushed into the datapath
+only when it changed.
 """
 
 from __future__ import annotations
@@ -26,10 +35,17 @@ from collections.abc import Callable
 from typing import Any
 
 from relaymesh.control.policy import Filter
+from relaymesh.derp.client import pick_home_region
+from relaymesh.disco import is_disco
+from relaymesh.keys import NodeKey
+from relaymesh.magicsock.netcheck import Report
+from relaymesh.magicsock.netcheck_io import NetcheckRunner
 from relaymesh.magicsock.pathsel import PathPolicy
+from relaymesh.magicsock.route import DerpOutbox
 from relaymesh.magicsock.sock import MagicSock, local_endpoints
 from relaymesh.node.control import ControlClient, ControlError
-from relaymesh.node.disco import DiscoManager, PingResult, Send
+from relaymesh.node.derpconn import DerpConns
+from relaymesh.node.disco import DERP_HOST, DiscoManager, PingResult, Send
 from relaymesh.node.engine import Engine, PeerStats
 from relaymesh.node.filter import InboundFilter
 from relaymesh.node.netmap import MapError, MapNode, NetMap, format_endpoint
@@ -45,6 +61,9 @@ DISCO_TICK = 0.2  # s: disco timers, activity detection and endpoint reconciliat
 ENDPOINT_REFRESH = 10.0  # s: re-read local addresses and report them when they changed
 UP_WAIT_FOR_MAP = 5.0  # s: `up` returns after the first full map or this long
 DEFAULT_PING_TIMEOUT = 5.0  # s, reference ping timeout
+NETCHECK_INTERVAL = 30.0  # s: re-measure DERP latency and the STUN mapping (NAT rebinding,
+#   roaming); the reference runs it every 20-26 s. One check is a few small datagrams per region.
+NETCHECK_RETRY = 5.0  # s: after a check that got no region at all (DERP down at start)
 
 
 def backoff_delay(attempt: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
@@ -62,8 +81,7 @@ class APIError(Exception):
         self.message = message
 
 
-EngineFactory = Callable[[socket.socket, InboundFilter, Callable[[bytes, tuple[str, int]], bool]],
-                         Engine]
+EngineFactory = Callable[..., Engine]  # (sock, filter, divert, on_stun) -> Engine
 
 
 class Backend:
@@ -76,6 +94,7 @@ class Backend:
         engine_factory: EngineFactory | None = None,
         endpoints_fn: Callable[[int], list[str]] | None = None,
         sock: socket.socket | None = None,
+        derp_node: str | None = None,
     ) -> None:
         self.st = state
         self.port = port
@@ -103,6 +122,13 @@ class Backend:
         self._up_lock = asyncio.Lock()
         self._bg: set[asyncio.Task[None]] = set()
         self._engine_fresh = False  # the next map's peers get a handshake right away
+        self.derp = DerpConns(state.node_key, self._on_derp_packet, pinned=derp_node)
+        self.netcheck_report: Report | None = None
+        self._netcheck_runner: NetcheckRunner | None = None
+        self._netcheck_lock = asyncio.Lock()
+        self._next_netcheck = 0.0
+        self._stun_endpoint: str | None = None
+        self._reported_home = 0
         if not state.state.node_id:
             self.backend_state = "NeedsLogin"
         else:
@@ -130,6 +156,7 @@ class Backend:
     async def close(self) -> None:
         await self._stop_session()
         await self._stop_engine()
+        await self.derp.close()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -139,6 +166,7 @@ class Backend:
         sock: socket.socket,
         flt: InboundFilter,
         divert: Callable[[bytes, tuple[str, int]], bool],
+        on_stun: Callable[[bytes, Any], None] | None = None,
     ) -> Engine:
         from relaymesh.wireguard.netconf import NetConf
         from relaymesh.wireguard.tun import Tun
@@ -149,7 +177,7 @@ class Backend:
         except Exception:
             tun.close()
             raise
-        return Engine(self.st.node_key, sock, tun, net, flt, divert)
+        return Engine(self.st.node_key, sock, tun, net, flt, divert, on_stun=on_stun)
 
     async def _start_engine(self, addresses: list[str]) -> None:
         """Netlink (pyroute2) runs its own event loop, so interface work goes to a thread."""
@@ -158,9 +186,17 @@ class Backend:
             return
         assert self.sock is not None and self.magic is not None
         sock, divert = self.sock, self.magic.divert
+        loop = asyncio.get_running_loop()
+
+        def on_stun(data: bytes, src: Any) -> None:  # datapath thread
+            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+                loop.call_soon_threadsafe(self._on_stun, data, src)
 
         def build() -> Engine:
-            eng = self._engine_factory(sock, self.flt, divert)
+            try:
+                eng = self._engine_factory(sock, self.flt, divert, on_stun)
+            except TypeError:  # a test factory of the older (sock, flt, divert) shape
+                eng = self._engine_factory(sock, self.flt, divert)
             try:
                 eng.start(addresses)
             except BaseException:
@@ -175,6 +211,8 @@ class Backend:
         except Exception as e:
             raise APIError(500, f"cannot bring up the tunnel {self.tun_name}: {e}") from None
         self.engine = eng
+        if hasattr(eng, "set_derp_outbox"):
+            eng.set_derp_outbox(DerpOutbox(loop, self.derp.send))
         self._engine_fresh = True
         log.info("tunnel %s up with %s", self.tun_name, ", ".join(addresses))
 
@@ -275,13 +313,21 @@ class Backend:
             path = self.disco.path(n.id, now)
             best = self.disco.best_endpoint(n.id, now)
             ep = best or (ps.endpoint if ps else None)
+            via = self.disco.describe(n.id, now)
+            if path is Path.NONE and ep is not None:
+                via = f"direct {format_endpoint(ep)} (unconfirmed)"
+            endpoint = format_endpoint(ep) if ep else None
+            if path is Path.DERP:
+                endpoint = via
             peers.append({
                 "id": n.id,
                 "name": n.name,
                 "addresses": n.addresses,
                 "node_key": n.node_key.to_text(),
                 "path": str(path),
-                "endpoint": format_endpoint(ep) if ep else None,
+                "via": via,
+                "endpoint": endpoint,
+                "home_derp": n.home_derp or None,
                 "tx_bytes": ps.tx_bytes if ps else 0,
                 "rx_bytes": ps.rx_bytes if ps else 0,
                 "last_handshake": ps.last_handshake if ps else None,
@@ -303,7 +349,9 @@ class Backend:
                 "online": self.control_connected,
                 "endpoints": self._reported_endpoints or [],
                 "port": self.port,
+                "home_derp": self.derp.home or None,
             },
+            "derp": self.derp.status(),
             "peers": peers,
         }
 
@@ -332,7 +380,7 @@ class Backend:
             txids, sends = self.disco.cli_ping(node.id, time.monotonic())
             if not sends:
                 results.append({"peer": node.name, "ip": ip,
-                                "error": f"no direct endpoint known for {node.name}"})
+                                "error": f"no path known to {node.name} (no endpoint, no DERP)"})
                 continue
             futs = [loop.create_future() for _ in txids]
             for t, f in zip(txids, futs, strict=True):
@@ -348,11 +396,17 @@ class Backend:
                                 "error": f"no pong from {node.name} ({ip}) within {timeout:g} s"})
                 continue
             r = next(iter(done)).result()
+            if r.addr[0] == DERP_HOST:
+                detail, via = str(r.addr[1]), f"derp({r.addr[1]})"
+            else:
+                detail = format_endpoint(r.addr)
+                via = f"direct {detail}"
             results.append({
                 "peer": node.name,
                 "ip": ip,
                 "path": str(r.path),
-                "detail": format_endpoint(r.addr),
+                "detail": detail,
+                "via": via,
                 "latency_ms": round(r.latency * 1e3, 3),
             })
         return {"results": results}
@@ -403,8 +457,15 @@ class Backend:
                 log.warning("hostname update: %s", e)
         return self.get_prefs()
 
-    def netcheck(self) -> dict[str, Any]:
-        raise APIError(501, "not available yet: needs DERP (next issue)")
+    async def netcheck(self) -> dict[str, Any]:
+        """Run a check now over the node's own UDP socket (the mapping peers see)."""
+        if not self.derp.regions():
+            raise APIError(409, "no DERP map from the coordination server yet "
+                           "(run `relaymesh up`, or the server has no --derp-map)")
+        if self.engine is None:
+            raise APIError(409, "the node is not up: run `relaymesh up` first")
+        report = await self._run_netcheck()
+        return report.to_dict()
 
     def debug_path(self, peer: str) -> list[dict[str, Any]]:
         node = self.netmap.find_peer(peer)
@@ -445,10 +506,28 @@ class Backend:
         return res
 
     async def _report_endpoints(self, client: ControlClient, force: bool = False) -> None:
-        eps = await asyncio.to_thread(self._endpoints_fn, self.port)  # netlink: off the loop
-        if force or eps != self._reported_endpoints:
-            await client.update(endpoints=eps, hostname=self._hostname())
+        """Local addresses plus the STUN-observed mapping, and the home DERP region."""
+        eps = list(await asyncio.to_thread(self._endpoints_fn, self.port))  # netlink: off loop
+        if self._stun_endpoint and self._stun_endpoint not in eps:
+            eps.insert(0, self._stun_endpoint)  # the public mapping first: most peers need it
+        home = self.derp.home
+        self._set_disco_endpoints(eps)
+        if force or eps != self._reported_endpoints or home != self._reported_home:
+            fields: dict[str, Any] = {"endpoints": eps, "hostname": self._hostname()}
+            if home:
+                fields["home_derp"] = home
+            await client.update(**fields)
             self._reported_endpoints = eps
+            self._reported_home = home
+
+    def _set_disco_endpoints(self, eps: list[str]) -> None:
+        from relaymesh.node.netmap import parse_endpoint
+
+        parsed: list[tuple[str, int]] = []
+        for e in eps:
+            with contextlib.suppress(ValueError):
+                parsed.append(parse_endpoint(e))
+        self.disco.set_endpoints(parsed)
 
     async def _control_loop(self, client: ControlClient) -> None:
         attempt = 0
@@ -528,6 +607,14 @@ class Backend:
             self.flt.set_policy(Filter.from_json(self.netmap.packet_filter))
         except (KeyError, TypeError, ValueError) as e:
             log.warning("packet filter from the map is malformed (%s); keeping the old one", e)
+        if self.netmap.derp_map != self.derp.derp_map:
+            self.derp.set_map(self.netmap.derp_map)
+            regions = self.derp.regions()
+            if regions and not self.derp.home:
+                # reachable at once over DERP; netcheck moves home to the fastest region later
+                self.derp.set_home(min(regions))
+                self._next_netcheck = 0.0
+            self.disco.set_home_region(self.derp.home)
         now = time.monotonic()
         peers = list(self.netmap.peers.values())
         self._last_tx = {pid: v for pid, v in self._last_tx.items() if pid in self.netmap.peers}
@@ -539,6 +626,7 @@ class Backend:
                 initiate_new=self._engine_fresh,
             )
             self._engine_fresh = False
+            self._reconcile_endpoints()
         if msg.get("type") == "full":
             self._first_map.set()
         log.info("map v%d: %d peer(s), %d filter rule(s)", self.netmap.version, len(peers),
@@ -552,6 +640,14 @@ class Backend:
         eps = sorted(n.endpoints, key=lambda e: ":" in e[0])
         return eps[0] if eps else None
 
+    def _route_for(self, n: MapNode, now: float) -> tuple[tuple[str, int] | None, int]:
+        """Disco's route; with neither a direct path nor DERP (no DERP map), the first
+        advertised endpoint, as before DERP existed."""
+        direct, region = self.disco.route(n.id, now)
+        if direct is None and not region:
+            direct = self._endpoint_for(n, now)
+        return direct, region
+
     def _apply_path_policies(self) -> None:
         pol = self.st.prefs.path_policy
         for n in self.netmap.peers.values():
@@ -560,10 +656,57 @@ class Backend:
     # -- disco ----------------------------------------------------------------------------------
 
     def _send(self, sends: list[Send]) -> None:
-        if self.magic is None:
-            return
         for s in sends:
-            self.magic.send(s.data, s.addr)
+            if s.derp is not None:
+                self.derp.send(s.derp.raw, s.addr[1], s.data)
+            elif self.magic is not None:
+                self.magic.send(s.data, s.addr)
+
+    def _on_derp_packet(self, region: int, src: NodeKey, pkt: bytes) -> None:
+        """Event loop: disco to the disco layer, everything else is WireGuard for the datapath."""
+        try:
+            if is_disco(pkt):
+                sends, results = self.disco.handle(pkt, (DERP_HOST, region), time.monotonic(),
+                                                   via_derp=region)
+                self._send(sends)
+                self._finish_pings(results)
+                self._reconcile_endpoints()
+            elif self.engine is not None and not self.engine.inject(src.raw, pkt):
+                self.disco.drops["derp_unknown_peer"] += 1
+        except Exception:
+            self.disco.drops["derp_handler_error"] += 1
+            if self.disco.drops["derp_handler_error"] == 1:
+                log.exception("DERP packet handler error (counted; logged once)")
+
+    def _on_stun(self, data: bytes, src: Any) -> None:
+        runner = self._netcheck_runner
+        if runner is None or not runner.feed(data, src):
+            self.disco.drops["stray_stun"] += 1
+
+    async def _run_netcheck(self) -> Report:
+        """One netcheck over the shared socket; then home region and endpoints follow it."""
+        async with self._netcheck_lock:
+            magic = self.magic
+            assert magic is not None
+
+            def send(data: bytes, addr: Any) -> None:
+                magic.send(data, (str(addr[0]), int(addr[1])))
+
+            runner = NetcheckRunner(self.derp.derp_map, send)
+            self._netcheck_runner = runner
+            try:
+                report = await runner.run()
+            finally:
+                self._netcheck_runner = None
+        self.netcheck_report = report
+        self._stun_endpoint = report.global_v4 if report.udp else None
+        lat = {int(r): v / 1e3 for r, v in report.region_latency_ms.items()}
+        home = pick_home_region(lat, self.derp.home or None)
+        if home:
+            self.derp.set_home(home)
+            self.disco.set_home_region(home)
+        log.info("netcheck: %s", report.summary().replace("\n", "; "))
+        return report
 
     def _on_disco(self, data: bytes, src: tuple[str, int]) -> None:
         try:
@@ -576,20 +719,28 @@ class Backend:
     def _handle_disco(self, data: bytes, src: tuple[str, int]) -> None:
         sends, results = self.disco.handle(data, src, time.monotonic())
         self._send(sends)
+        self._finish_pings(results)
+        self._reconcile_endpoints()
+
+    def _finish_pings(self, results: list[PingResult]) -> None:
         for r in results:
             fut = self._ping_waiters.pop(r.txid, None)
             if fut is not None and not fut.done():
                 fut.set_result(r)
-        self._reconcile_endpoints()
 
     def _reconcile_endpoints(self) -> None:
+        """Push each peer's current route into the datapath (a no-op when unchanged)."""
         if self.engine is None:
             return
         now = time.monotonic()
         for n in self.netmap.peers.values():
-            best = self.disco.best_endpoint(n.id, now)
-            if best is not None:
-                self.engine.set_endpoint(n.node_key, best)
+            direct, region = self._route_for(n, now)
+            if direct is None and not region:
+                continue
+            if hasattr(self.engine, "set_route"):
+                self.engine.set_route(n.node_key, direct, region)
+            elif direct is not None:
+                self.engine.set_endpoint(n.node_key, direct)
 
     async def _disco_loop(self) -> None:
         last_refresh = time.monotonic()
@@ -606,6 +757,11 @@ class Backend:
                             self._send(self.disco.note_activity(n.id, now))
                 self._send(self.disco.tick(now))
                 self._reconcile_endpoints()
+                self.derp.tick()
+                if (self.derp.regions() and self.engine is not None
+                        and now >= self._next_netcheck and not self._netcheck_lock.locked()):
+                    self._next_netcheck = now + NETCHECK_INTERVAL
+                    self._spawn(self._periodic_netcheck())
                 if (now - last_refresh >= ENDPOINT_REFRESH and self._client is not None
                         and self.control_connected):
                     last_refresh = now
@@ -614,6 +770,26 @@ class Backend:
                 log.warning("endpoint update failed: %s", e)
             except Exception:  # a bug here must not stop disco for good
                 log.exception("disco loop error")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _periodic_netcheck(self) -> None:
+        try:
+            report = await self._run_netcheck()
+        except Exception:
+            log.exception("netcheck failed")
+            self._next_netcheck = time.monotonic() + NETCHECK_RETRY
+            return
+        if not report.region_latency_ms:
+            self._next_netcheck = time.monotonic() + NETCHECK_RETRY
+        if self._client is not None and self.control_connected:
+            try:
+                await self._report_endpoints(self._client)
+            except ControlError as e:
+                log.warning("endpoint update failed: %s", e)
 
     def path_of(self, peer_id: int) -> Path:
         return self.disco.path(peer_id, time.monotonic())

@@ -26,12 +26,13 @@ class DaemonError(RuntimeError):
     """A startup failure the CLI prints as one line."""
 
 
-async def run(state_dir: Path, socket_path: Path, tun: str, port: int) -> None:
+async def run(state_dir: Path, socket_path: Path, tun: str, port: int, *,
+              derp_node: str | None = None) -> None:
     try:
         state = StateDir(state_dir)
     except RuntimeError as e:
         raise DaemonError(str(e)) from None
-    backend = Backend(state, port=port, tun_name=tun)
+    backend = Backend(state, port=port, tun_name=tun, derp_node=derp_node)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from relaymesh.keys import NodeKey, PrivateKey
+from relaymesh.magicsock.route import DerpOutbox, MeshDatapath, PeerEndpoint
 from relaymesh.node.filter import InboundFilter
-from relaymesh.wireguard.datapath import Datapath
+from relaymesh.stun import is_stun
 from relaymesh.wireguard.device import Device, Received, Transmit
 from relaymesh.wireguard.tun import TunLike
 
@@ -52,18 +53,28 @@ class PeerStats:
 
 
 class TrackingDevice:
-    """Device wrapper: notes each outbound packet's flow (for replies) before encrypting it."""
+    """Device wrapper: notes each outbound packet's flow (for replies) before encrypting it, and
+    takes STUN answers off the inbound path (a binding response starts with 0x01 like a
+    WireGuard initiation, so the datapath's divert hook never sees it; WireGuard's bytes 1-3
+    are zero, STUN's byte 1 is not, so one byte test per datagram tells them apart)."""
 
-    def __init__(self, inner: Device, flt: InboundFilter, clock: Callable[[], float]) -> None:
+    def __init__(self, inner: Device, flt: InboundFilter, clock: Callable[[], float],
+                 on_stun: Callable[[bytes, Any], None] | None = None) -> None:
         self.inner = inner
         self.flt = flt
         self.clock = clock
+        self.on_stun = on_stun
 
     def send_packet(self, ip_packet: bytes, now: float) -> list[Transmit]:
         self.flt.note_outbound(ip_packet, now)
         return self.inner.send_packet(ip_packet, now)
 
     def receive(self, datagram: memoryview, source: Any, now: float) -> Received:
+        if datagram[1] and self.on_stun is not None:
+            data = bytes(datagram)
+            if is_stun(data):
+                self.on_stun(data, source)
+                return Received([], [], None)
         return self.inner.receive(datagram, source, now)
 
     def tick(self, now: float) -> list[Transmit]:
@@ -90,21 +101,25 @@ class Engine:
         divert: Callable[[bytes, tuple[str, int]], bool],
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_stun: Callable[[bytes, Any], None] | None = None,
     ) -> None:
         self.tun = tun
         self.netconf = netconf
         self.flt = flt
         self.clock = clock
         self._wall_offset = time.time() - time.monotonic()
-        holder: list[Datapath] = []
+        holder: list[MeshDatapath] = []
+        # roaming off: each peer's endpoint is its stable PeerEndpoint, whose route the disco
+        # layer sets; a packet from a new source (or over DERP) must not replace it
         self.device = Device(
             private_key,
             under_load=lambda: bool(holder) and holder[0].under_load(),
             wall_clock_offset=self._wall_offset,
             mtu=TUN_MTU,
+            roaming=False,
         )
-        self.datapath = Datapath(
-            TrackingDevice(self.device, flt, clock),
+        self.datapath = MeshDatapath(
+            TrackingDevice(self.device, flt, clock, on_stun),
             tun,
             sock,
             clock=clock,
@@ -113,7 +128,7 @@ class Engine:
         )
         holder.append(self.datapath)
         self._addresses: set[str] = set()
-        self._endpoints: dict[bytes, tuple[str, int] | None] = {}
+        self._eps: dict[bytes, PeerEndpoint] = {}  # node key raw -> the peer's stable endpoint
 
     def start(self, addresses: Sequence[str]) -> None:
         if self.netconf is not None:
@@ -150,36 +165,64 @@ class Engine:
         our initiation replaces that session right away.
         """
         wanted = {k.raw: (ips, ep) for k, ips, ep in peers}
+        dp = self.datapath
 
         def apply(dev: Device, now: float) -> list[Transmit]:
             out: list[Transmit] = []
             for raw in [raw for raw in dev.peers if raw not in wanted]:
                 dev.remove_peer(raw)
-                self._endpoints.pop(raw, None)
-            for raw, (ips, ep) in wanted.items():
+                gone = self._eps.pop(raw, None)
+                if gone is not None:
+                    dp._derp_eps.discard(gone)
+                    dp.derp_routes = len(dp._derp_eps)
+            for raw, (ips, _) in wanted.items():
                 new = raw not in dev.peers
-                dev.set_peer(raw, allowed_ips=ips, endpoint=ep)
-                if ep is not None:
-                    self._endpoints[raw] = ep
-                if new and initiate_new and ep is not None:
+                pe = self._eps.get(raw)
+                if pe is None:
+                    pe = self._eps[raw] = PeerEndpoint(raw)
+                dev.set_peer(raw, allowed_ips=ips, endpoint=pe)
+                if new and initiate_new and (pe.sa is not None or pe.derp_region):
                     out += dev.initiate_handshake(raw, now)
             return out
 
+        # routes first (outside the lock: set_route takes it), so a new peer's first handshake
+        # already has somewhere to go
+        for raw, (_, ep) in wanted.items():
+            pe = self._eps.get(raw)
+            if pe is None:
+                pe = self._eps[raw] = PeerEndpoint(raw)
+            if ep is not None and pe.direct is None and not pe.derp_region:
+                dp.set_route(pe, ep, 0)
         transmits = self.datapath.call(lambda d, now: apply(self.device, now))
         if transmits:
             self.datapath.transmit(transmits)
 
     def set_endpoint(self, key: NodeKey, ep: tuple[str, int]) -> None:
-        if self._endpoints.get(key.raw) == ep:
-            return
-        self._endpoints[key.raw] = ep
+        """Send to the peer directly at ``ep`` only (no DERP)."""
+        self.set_route(key, ep, 0)
 
-        def apply(dev: Any, now: float) -> None:
-            p = self.device.peer(key.raw)
-            if p is not None:
-                p.endpoint = ep
+    def set_route(self, key: NodeKey, direct: tuple[str, int] | None, derp_region: int) -> bool:
+        """Where packets to the peer go: ``direct`` (ip, port) and/or DERP ``derp_region``
+        (both while mirroring). True if the route changed."""
+        pe = self._eps.get(key.raw)
+        if pe is None:
+            return False
+        return self.datapath.set_route(pe, direct, derp_region)
 
-        self.datapath.call(apply)
+    def peer_endpoint(self, raw: bytes) -> PeerEndpoint | None:
+        """The stable endpoint object of a peer (the source of its DERP-injected datagrams)."""
+        return self._eps.get(raw)
+
+    def set_derp_outbox(self, outbox: DerpOutbox | None) -> None:
+        self.datapath.set_outbox(outbox)
+
+    def inject(self, node_key_raw: bytes, data: bytes) -> bool:
+        """A WireGuard datagram from the peer with this node key, received over DERP."""
+        pe = self._eps.get(node_key_raw)
+        if pe is None:
+            return False
+        self.datapath.inject(data, pe)
+        return True
 
     def peer_stats(self) -> dict[bytes, PeerStats]:
         off = self._wall_offset
@@ -187,7 +230,8 @@ class Engine:
         def snap(dev: Any, now: float) -> dict[bytes, PeerStats]:
             return {
                 raw: PeerStats(
-                    p.endpoint if isinstance(p.endpoint, tuple) else None,
+                    p.endpoint.direct if isinstance(p.endpoint, PeerEndpoint)
+                    else p.endpoint if isinstance(p.endpoint, tuple) else None,
                     p.tx_bytes,
                     p.rx_bytes,
                     None if p.last_handshake is None else p.last_handshake + off,

@@ -41,7 +41,7 @@ class LocalBackend(Protocol):
 
     async def patch_prefs(self, patch: dict[str, Any]) -> dict[str, Any]: ...
 
-    def netcheck(self) -> dict[str, Any]: ...
+    async def netcheck(self) -> dict[str, Any]: ...
 
     def debug_path(self, peer: str) -> list[dict[str, Any]]: ...
 
@@ -143,7 +143,7 @@ def make_app(backend: LocalBackend) -> web.Application:
         return web.json_response(await backend.patch_prefs(await _body(request)))
 
     async def netcheck(request: web.Request) -> web.Response:
-        return web.json_response(backend.netcheck())
+        return web.json_response(await backend.netcheck())
 
     async def debug_path(request: web.Request) -> web.Response:
         peer = request.query.get("peer")

@@ -52,6 +52,7 @@ class MapNode:
     user: str = ""
     tags: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    home_derp: int = 0  # the peer's home DERP region (0: unknown); we reach it over DERP there
 
     @classmethod
     def from_json(cls, obj: Any) -> MapNode:
@@ -77,6 +78,7 @@ class MapNode:
                 user=str(obj.get("user") or ""),
                 tags=[str(t) for t in obj.get("tags") or []],
                 raw=dict(obj),
+                home_derp=int(obj.get("home_derp") or 0),
             )
         except (KeyError, TypeError, ValueError, KeyError_) as e:
             raise MapError(f"bad node: {e}") from None

@@ -1,0 +1,205 @@
+"""Outbound path per peer in the datapath: direct UDP, DERP, or both (mirrored while suspect).
+
+The WireGuard core treats endpoints as opaque hashables. The node gives every peer ONE stable
+:class:`PeerEndpoint` object as its endpoint (and turns the core's roaming off, so it stays), and
+changes where that object points when the path changes: ``sa`` (the socket address for
+``sendto``, or None) and ``derp_region`` (0: not over DERP). The route is therefore cached per
+peer and updated on path events (:meth:`MeshDatapath.set_route`), never computed per packet.
+
+Hot path cost: while no peer uses DERP (``derp_routes == 0``) a batch goes straight to the plain
+datapath send code; the only extra work per packet is the ``type(endpoint) is PeerEndpoint``
+check in :meth:`MeshDatapath._sockaddr`. With DERP routes present each transmit is looked at once:
+DERP copies go to a :class:`DerpOutbox` (a bounded hand-off to the asyncio thread that owns the
+DERP client: ``call_soon_threadsafe`` once per burst, not per packet; a full box drops and counts).
+
+Inbound from DERP: :meth:`MeshDatapath.inject` runs a WireGuard datagram through the same locked
+core path as a UDP datagram (device, inbound filter, TUN write, replies through the route), with
+the peer's ``PeerEndpoint`` as the source so cookie replies and handshake responses follow the
+peer's route too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from relaymesh.wireguard.datapath import Counters, Datapath, TransmitLike
+
+DERP_OUTBOX_MAX = 2048  # packets waiting for the event loop; ~2.6 MB of 1280-byte packets.
+#   The DERP client has its own 1 MiB write limit behind this; the box only has to absorb the
+#   scheduling delay of the event loop (a few ms at line rate), so a full box means DERP is the
+#   bottleneck and dropping (counted) is what TCP inside the tunnel expects.
+
+
+class PeerEndpoint:
+    """A peer's stable endpoint key in the WireGuard device (hashed by identity)."""
+
+    __slots__ = ("derp_region", "direct", "node_key", "sa")
+
+    def __init__(self, node_key: bytes) -> None:
+        self.node_key = node_key  # raw 32-byte node key: the DERP destination
+        self.direct: tuple[str, int] | None = None  # (ip, port) as the disco layer names it
+        self.sa: tuple[str, int] | None = None  # the socket address for sendto
+        self.derp_region = 0  # != 0: also (or only) send over DERP in this region
+
+    def describe(self) -> str:
+        parts = []
+        if self.direct:
+            parts.append(f"{self.direct[0]}:{self.direct[1]}")
+        if self.derp_region:
+            parts.append(f"derp({self.derp_region})")
+        return "+".join(parts) or "none"
+
+    def __repr__(self) -> str:
+        return f"PeerEndpoint({self.node_key[:4].hex()}, {self.describe()})"
+
+
+DerpSend = Callable[[bytes, int, bytes], Any]  # (node key raw, region, packet)
+
+
+class DerpOutbox:
+    """Datapath threads -> event loop hand-off for DERP sends, bounded, drops counted."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: DerpSend,
+                 maxlen: int = DERP_OUTBOX_MAX) -> None:
+        self.loop = loop
+        self.send = send
+        self.maxlen = maxlen
+        self._q: collections.deque[tuple[bytes, int, bytes]] = collections.deque()
+        self._scheduled = False
+        self.queued = 0
+        self.dropped = 0
+
+    def put(self, node_key: bytes, region: int, data: bytes) -> bool:
+        """Any thread. deque append/popleft are atomic under the GIL; a flush that is already
+        draining picks the packet up, otherwise one more flush is scheduled (harmless)."""
+        if len(self._q) >= self.maxlen:
+            self.dropped += 1
+            return False
+        self._q.append((node_key, region, data))
+        self.queued += 1
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # loop closed (shutdown)
+                self._scheduled = False
+                self._q.clear()
+                self.dropped += 1
+                return False
+        return True
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        q = self._q
+        while q:
+            key, region, data = q.popleft()
+            self.send(key, region, data)
+
+
+class MeshDatapath(Datapath):
+    """The WireGuard datapath with per-peer routes (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outbox: DerpOutbox | None = None
+        self.derp_routes = 0  # peers whose route includes DERP; 0 keeps the plain fast path
+        self._derp_eps: set[PeerEndpoint] = set()
+        self.derp_counters: collections.Counter[str] = collections.Counter()
+
+    def set_outbox(self, outbox: DerpOutbox | None) -> None:
+        self.outbox = outbox
+
+    def set_route(self, ep: PeerEndpoint, direct: tuple[str, int] | None, region: int) -> bool:
+        """Point a peer's endpoint at ``direct`` and/or DERP ``region``; True if it changed."""
+        if ep.direct == direct and ep.derp_region == region:
+            return False
+        sa = Datapath._sockaddr(self, direct) if direct is not None else None
+        with self.lock:
+            ep.direct, ep.sa, ep.derp_region = direct, sa, region
+            if region:
+                self._derp_eps.add(ep)
+            else:
+                self._derp_eps.discard(ep)
+            self.derp_routes = len(self._derp_eps)
+        return True
+
+    def forget(self, ep: PeerEndpoint) -> None:
+        with self.lock:
+            self._derp_eps.discard(ep)
+            self.derp_routes = len(self._derp_eps)
+
+    def _sockaddr(self, endpoint: Hashable) -> Any:
+        if type(endpoint) is PeerEndpoint:
+            sa = endpoint.sa
+            if sa is None:
+                raise ValueError("peer has no direct path")
+            return sa
+        return super()._sockaddr(endpoint)
+
+    def _send_all(self, transmits: Sequence[TransmitLike], c: Counters) -> None:
+        if not self.derp_routes:
+            super()._send_all(transmits, c)
+            return
+        udp: list[TransmitLike] = []
+        outbox = self.outbox
+        dc = self.derp_counters
+        for tx in transmits:
+            ep = tx.endpoint
+            if type(ep) is PeerEndpoint and ep.derp_region:
+                if outbox is not None and outbox.put(ep.node_key, ep.derp_region, tx.data):
+                    dc["tx_packets"] += 1
+                else:
+                    dc["tx_dropped"] += 1
+                if ep.sa is None:
+                    continue
+            udp.append(tx)
+        if udp:
+            super()._send_all(udp, c)
+
+    def inject(self, data: bytes, source: PeerEndpoint) -> None:
+        """A WireGuard datagram that arrived over DERP (event loop thread): decrypt under the
+        device lock as if it came from the UDP socket, write packets to TUN, send replies."""
+        c = self.counters
+        flt = self.inbound_filter
+        to_tun: list[bytes] = []
+        with self.lock:
+            now = self.clock()
+            try:
+                r = self.device.receive(memoryview(data), source, now)
+            except Exception as e:
+                self._count_error("core_receive_error", e)
+                return
+            peer = getattr(r, "peer", None)
+            for p in r.packets:
+                try:
+                    ok = True if flt is None else flt(p, peer)
+                except Exception as e:
+                    self._count_error("filter_error", e)
+                    ok = False
+                if ok:
+                    to_tun.append(p)
+                else:
+                    c.drops["filtered"] += 1
+            transmits = list(r.transmits)
+        self.derp_counters["rx_packets"] += 1
+        fd = self.tun.fileno()
+        for p in to_tun:
+            try:
+                os.write(fd, p)
+            except BlockingIOError:
+                c.drops["tun_full"] += 1
+            except OSError as e:
+                self._count_error("tun_write_error", e)
+        if transmits:
+            self._send_all(transmits, c)
+
+    def stats(self) -> dict[str, int]:
+        d = super().stats()
+        d.update({f"derp_{k}": v for k, v in self.derp_counters.items()})
+        if self.outbox is not None:
+            d["derp_outbox_dropped"] = self.outbox.dropped
+        return d
