@@ -237,9 +237,15 @@ class IperfResult:
 def iperf(lab: Lab, client: Endpoint, server: Endpoint, seconds: float,
           measure: dict[str, int]) -> IperfResult:
     """One iperf3 TCP run client -> server through the tunnel, with CPU of ``measure`` pids."""
+    return iperf_to(lab, client.host, server.tunnel_ip, seconds, measure)
+
+
+def iperf_to(lab: Lab, client_host: str, server_ip: str, seconds: float,
+             measure: dict[str, int]) -> IperfResult:
+    """iperf() for tunnels that are not an Endpoint pair (bench/anchors: daemons, Nebula)."""
     before = {k: cpu_seconds(p) for k, p in measure.items()}
     t0 = time.monotonic()
-    cp = lab.exec(client.host, ["iperf3", "-c", server.tunnel_ip, "-t", str(seconds), "-J",
+    cp = lab.exec(client_host, ["iperf3", "-c", server_ip, "-t", str(seconds), "-J",
                                 "--connect-timeout", "5000"], timeout=seconds + 60, check=False)
     wall = time.monotonic() - t0
     after = {k: cpu_seconds(p) for k, p in measure.items()}

@@ -1,0 +1,537 @@
+"""bench/anchors: relaymesh next to wireguard-go and Nebula, one lab, the same iperf3 settings.
+
+One lab for every row: hosts ``srv`` (coordination server, Nebula lighthouse), ``r`` (the relay
+host) and ``a`` -> ``b`` (iperf3 sender -> receiver), all directly on the lab internet, no
+impairment. "via relay" rows add an nftables drop of all UDP between a's and b's addresses (both
+families) in the internet router, so the relay is the only UDP path, and check from the tool's
+own output that it is really used; "direct" rows check that the path is direct. Each row starts
+its own processes and stops them before the next row, so rows do not share CPU with each other.
+
+Rows are pluggable (``ROWS``): a row that cannot run here is reported as ``not available:
+<reason>``, never estimated. Rows today:
+
+=========================  ===================================================================
+relaymesh-direct           ``relaymesh control serve`` on srv + ``relaymesh daemon`` on a and b
+relaymesh-peer-relay       not available until the node daemon runs peer relays (client + r)
+relaymesh-peer-relay-kern  same, with the relay's kernel fast path
+relaymesh-derp             not available until the node daemon's DERP integration lands
+wireguard-go-direct        Debian wireguard-go, configured with wg(8) (bench/_common.py)
+nebula-direct              Debian nebula: lighthouse on srv, a <-> b direct (bench/_nebula.py)
+nebula-relay               same, ``am_relay`` on r, ``use_relays`` on a and b, direct UDP blocked
+=========================  ===================================================================
+
+Each row: ``--runs`` iperf3 TCP runs of ``--seconds`` (default 3 x 10 s), median Mbit/s; CPU of
+each tunnel process (utime+stime from /proc/PID/stat over the run, 100% = one core) and of the
+whole machine (/proc/stat: the machine is shared, so this shows what else ran); ratio to
+wireguard-go direct. Every tool runs with its shipped tunnel MTU (shown in the table).
+
+Prints the table; writes the ``anchors`` section of docs/benchmarks.md and
+docs/benchmarks-anchors.png (matplotlib, the ``bench`` extra) unless ``--no-docs``. Needs root::
+
+    .venv/bin/python bench/anchors.py [--seconds 10] [--runs 3] [--rows nebula-direct,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _nebula
+from _common import ROOT, IperfResult, iperf_to, median, start_pair, stop, update_doc_section
+from _common import wait_tunnel as wg_wait_tunnel
+from relaymesh import __version__ as rm_version
+from relaymesh.lab import Lab, LabProcess, Topology
+
+DOC = ROOT / "docs" / "benchmarks.md"
+CHART = ROOT / "docs" / "benchmarks-anchors.png"
+SECTION = "anchors"
+HOSTS = ("srv", "r", "a", "b")
+CLIENT, SERVER = "a", "b"
+CTL_PORT = 8080
+RM_PORT = 41641  # the daemon's default UDP port
+RM_MTU = 1280  # relaymesh.node.engine.TUN_MTU (the daemon's TUN, see docs/node.md)
+WG_MTU = 1420  # bench/_common.py configures wireguard-go with wg-quick's default
+BASELINE = "wireguard-go-direct"
+ALLOW_ALL = {"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}
+# The policy the peer relay rows need: everyone reaches everyone, r (tag:relay) relays for all.
+RELAY_POLICY = {
+    "tagOwners": {"tag:relay": ["bench@"]},
+    "acls": ALLOW_ALL["acls"],
+    "grants": [{"src": ["autogroup:member"], "dst": ["tag:relay"],
+                "app": {"relaymesh.dev/cap/relay": [{}]}}],
+}
+
+
+class RowUnavailable(Exception):
+    """A row cannot run here; the message is the reason shown in the table."""
+
+
+@dataclass
+class Running:
+    """A started row: where iperf3 runs, which processes to measure, how to check the path."""
+
+    server_ip: str  # b's address inside the tunnel
+    pids: dict[str, int]  # "a" / "b" / "r" -> tunnel process
+    mtu: int
+    check_path: Callable[[], tuple[str, str]]  # -> (path word, evidence text)
+    stop: Callable[[], None]
+
+
+@dataclass
+class RowSpec:
+    key: str
+    label: str
+    expect: str  # the path the row must be on: "direct", "relay", "peer_relay", "derp"
+    block_direct: bool
+    start: Callable[[Lab, Path], Running]
+    unavailable: Callable[[], str | None] = lambda: None
+    via: str | None = None  # the host the data must cross (its eth0 bytes are reported)
+
+
+@dataclass
+class RowResult:
+    key: str
+    label: str
+    reason: str | None = None  # set: not available (or failed), nothing measured
+    runs: list[IperfResult] = field(default_factory=list)
+    mtu: int = 0
+    path: str = ""
+    evidence: str = ""
+    machine_busy: list[float] = field(default_factory=list)  # % of all cores, per run
+
+    @property
+    def mbit(self) -> float:
+        return median([r.mbit_s for r in self.runs]) if self.runs else 0.0
+
+    def cpu(self, who: str) -> float | None:
+        xs = [r.cpu_pct[who] for r in self.runs if who in r.cpu_pct]
+        return median(xs) if xs else None
+
+    @property
+    def retransmits(self) -> int:
+        return int(median([float(r.retransmits) for r in self.runs])) if self.runs else 0
+
+
+# -- machine load ---------------------------------------------------------------------------------
+def machine_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores from /proc/stat (idle + iowait count as not busy)."""
+    vals = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(vals[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return total - vals[3] - vals[4], total
+
+
+def busy_pct(before: tuple[float, float], after: tuple[float, float]) -> float:
+    d_total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / d_total if d_total > 0 else 0.0
+
+
+def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+# -- relaymesh (control server + daemons) ---------------------------------------------------------
+class Tailnet:
+    """A control server on srv and daemons on ``nodes``; the CLI talks to each daemon's unix
+    socket from the root namespace (unix sockets are not per network namespace)."""
+
+    def __init__(self, lab: Lab, root: Path, nodes: tuple[str, ...], policy: object) -> None:
+        self.lab, self.root, self.nodes = lab, root, nodes
+        self.ctl_state = root / "ctl"
+        self.policy = root / "policy.hujson"
+        self.policy.write_text(json.dumps(policy, indent=2) + "\n")
+        self.procs: dict[str, LabProcess] = {}
+
+    def _run(self, args: list[str]) -> str:
+        cp = subprocess.run([sys.executable, "-m", "relaymesh", *args], capture_output=True,
+                            text=True, timeout=30, check=False)
+        if cp.returncode != 0:
+            raise RuntimeError(f"relaymesh {' '.join(args)}: {cp.stderr.strip()}")
+        return cp.stdout
+
+    def cli(self, node: str, *args: str) -> str:
+        return self._run([*args, "--socket", str(self.root / f"{node}.sock")])
+
+    def admin(self, *args: str) -> str:
+        return self._run(["control", "--socket", str(self.ctl_state / "admin.sock"), *args])
+
+    def start(self, up_args: dict[str, list[str]]) -> None:
+        ctl = self.lab.spawn("srv", [
+            "relaymesh", "control", "serve", "--state-dir", str(self.ctl_state),
+            "--listen", f"0.0.0.0:{CTL_PORT}", "--policy", str(self.policy)], name="control")
+        self.procs["srv"] = ctl
+        until(lambda: (self.ctl_state / "admin.sock").exists()
+              and "node API on" in ctl.output(), 20, "the control server")
+        self.admin("users", "create", "bench")
+        key = json.loads(self.admin("preauthkeys", "create", "-u", "bench", "--reusable",
+                                    "-o", "json"))["key"]
+        url = f"http://{self.lab.address('srv')}:{CTL_PORT}"
+        for n in self.nodes:
+            p = self.lab.spawn(n, [
+                "relaymesh", "daemon", "--state-dir", str(self.root / f"{n}-state"),
+                "--socket", str(self.root / f"{n}.sock"), "--tun", "rm0",
+                "--port", str(RM_PORT)], name="daemon")
+            self.procs[n] = p
+            until(functools.partial(_started, p), 20, f"daemon {n}")
+            if not p.alive:
+                raise RuntimeError(f"daemon {n} exited: {p.output()[-800:]}")
+            self.cli(n, "up", "--login-server", url, "--auth-key", str(key), "--hostname", n,
+                     *up_args.get(n, []))
+
+    def peer(self, node: str, peer: str) -> dict[str, object]:
+        st = json.loads(self.cli(node, "status", "--json"))
+        return next((dict(p) for p in st["peers"] if p["name"] == peer), {})
+
+    def ipv4(self, node: str) -> str:
+        return self.cli(node, "ip", "-4").strip()
+
+    def stop(self) -> None:
+        for p in reversed(list(self.procs.values())):
+            if p.alive:
+                p.stop()
+
+
+def _started(p: LabProcess) -> bool:
+    return "listening on" in p.output() or not p.alive
+
+
+def start_relaymesh(expect: str, relay_args: list[str] | None = None
+                    ) -> Callable[[Lab, Path], Running]:
+    """A relaymesh row: a and b (and r with ``relay_args`` for the peer relay rows) join a fresh
+    tailnet; the row runs once a's status shows b on the ``expect`` path."""
+
+    def start(lab: Lab, tmp: Path) -> Running:
+        nodes = (CLIENT, SERVER) + (("r",) if relay_args is not None else ())
+        up = {"r": ["--advertise-tags", "tag:relay", *relay_args]} if relay_args else {}
+        tn = Tailnet(lab, tmp, nodes, RELAY_POLICY if relay_args is not None else ALLOW_ALL)
+        try:
+            tn.start(up)
+            ip = tn.ipv4(SERVER)
+            until(lambda: tn.peer(CLIENT, SERVER).get("path") == expect, 30,
+                  f"a's status to show b on path {expect} (now {tn.peer(CLIENT, SERVER)})")
+            wait_connect(lab, CLIENT, ip, 30)
+        except BaseException:
+            tn.stop()
+            raise
+
+        def check() -> tuple[str, str]:
+            p = tn.peer(CLIENT, SERVER)
+            return str(p.get("path")), f"`relaymesh status`: path {p.get('path')} " \
+                                       f"endpoint {p.get('endpoint')}"
+
+        return Running(ip, {n: tn.procs[n].pid for n in nodes}, RM_MTU, check, tn.stop)
+
+    return start
+
+
+def wait_connect(lab: Lab, host: str, ip: str, timeout: float) -> None:
+    """Until a TCP connect host -> ip is answered (accept or RST: either crossed the tunnel)."""
+    def answered() -> bool:
+        cp = lab.python(host, ["tcp-connect", ip, "7", "--timeout", "1"], check=False)
+        try:
+            return int(json.loads(cp.stdout)["errno"]) in (0, 111)
+        except (ValueError, KeyError):
+            return False
+    until(answered, timeout, f"a TCP answer from {ip} through the tunnel")
+
+
+# -- wireguard-go ---------------------------------------------------------------------------------
+def start_wireguard_go(lab: Lab, tmp: Path) -> Running:
+    a, b = start_pair(lab, ("wg", "wg"), (CLIENT, SERVER), tmpdir=tmp)
+    try:
+        wg_wait_tunnel(lab, a, b, timeout=30)
+    except BaseException:
+        stop(a), stop(b)
+        raise
+
+    def check() -> tuple[str, str]:
+        cp = lab.exec(CLIENT, ["wg", "show", a.ifname, "endpoints"])
+        ep = cp.stdout.split()[-1] if cp.stdout.split() else "?"
+        direct = ep.split(":")[0] == lab.address(SERVER)
+        return ("direct" if direct else "unknown"), f"`wg show endpoints`: {ep}"
+
+    def halt() -> None:
+        stop(a)
+        stop(b)
+
+    return Running(b.tunnel_ip, {"a": a.pid, "b": b.pid}, WG_MTU, check, halt)
+
+
+# -- Nebula ---------------------------------------------------------------------------------------
+def start_nebula(relay: bool) -> Callable[[Lab, Path], Running]:
+    def start(lab: Lab, tmp: Path) -> Running:
+        mesh = _nebula.NebulaMesh(lab, "srv", [CLIENT, SERVER], relay="r" if relay else None,
+                                  relay_users=[CLIENT, SERVER] if relay else [])
+        try:
+            mesh.start()
+            mesh.wait_tunnel(CLIENT, SERVER, timeout=40)
+        except BaseException:
+            mesh.close()
+            raise
+        pids = {"a": mesh.pid(CLIENT), "b": mesh.pid(SERVER)}
+        if relay:
+            pids["r"] = mesh.pid("r")
+
+        def check() -> tuple[str, str]:
+            ev = _nebula.path_evidence(mesh, CLIENT, SERVER)
+            return ev.path, "nebula log: " + ev.summary()
+
+        return Running(mesh.ip(SERVER), pids, _nebula.NEBULA_MTU, check, mesh.close)
+
+    return start
+
+
+def _not_yet(reason: str) -> Callable[[], str | None]:
+    return lambda: reason
+
+
+ROWS: list[RowSpec] = [
+    RowSpec("relaymesh-direct", "relaymesh direct", "direct", False, start_relaymesh("direct")),
+    # The peer relay and DERP rows are wired (policy grant, tag:relay, --relay-server-port on r,
+    # direct UDP blocked, path asserted from `relaymesh status`); drop the reason when the node
+    # daemon serves and uses peer relays, and set the kernel row's relay flag.
+    RowSpec("relaymesh-peer-relay", "relaymesh via peer relay (userspace)", "peer_relay", True,
+            start_relaymesh("peer_relay", ["--relay-server-port", "0"]),
+            _not_yet("the node daemon has no peer relay server or client yet (relay prefs are "
+                     "stored, not announced; a later session adds them)"), via="r"),
+    RowSpec("relaymesh-peer-relay-kernel", "relaymesh via peer relay (kernel fast path)",
+            "peer_relay", True, start_relaymesh("peer_relay", ["--relay-server-port", "0"]),
+            _not_yet("needs the daemon's peer relays (above) with the relay's nftables fast path"),
+            via="r"),
+    RowSpec("relaymesh-derp", "relaymesh via DERP", "derp", True, start_relaymesh("derp"),
+            _not_yet("DERP is being integrated into the node daemon (in progress); the daemon "
+                     "has no DERP path yet"), via="srv"),
+    RowSpec(BASELINE, "wireguard-go direct", "direct", False, start_wireguard_go),
+    RowSpec("nebula-direct", "Nebula direct", "direct", False, start_nebula(False),
+            _nebula.unavailable),
+    RowSpec("nebula-relay", "Nebula via its relay", "relay", True, start_nebula(True),
+            _nebula.unavailable, via="r"),
+]
+
+
+# -- running --------------------------------------------------------------------------------------
+def run_row(lab: Lab, spec: RowSpec, seconds: float, runs: int) -> RowResult:
+    res = RowResult(spec.key, spec.label)
+    reason = spec.unavailable()
+    if reason is not None:
+        res.reason = f"not available: {reason}"
+        print(f"{spec.label}: {res.reason}", flush=True)
+        return res
+    tmp = Path(tempfile.mkdtemp(prefix=f"rm-{lab.run_id}-anchor-"))
+    if spec.block_direct:
+        _nebula.block_direct_udp(lab, CLIENT, SERVER)
+    running: Running | None = None
+    server: LabProcess | None = None
+    try:
+        running = spec.start(lab, tmp)
+        res.mtu = running.mtu
+        server = lab.spawn(SERVER, ["iperf3", "-s", "-B", running.server_ip, "--forceflush"],
+                           name="iperf3")
+        server.wait_for("Server listening", 10)
+        via0 = _nebula.rx_bytes(lab, spec.via) if spec.via else 0
+        for i in range(runs):
+            m0 = machine_times()
+            r = iperf_to(lab, CLIENT, running.server_ip, seconds, running.pids)
+            res.machine_busy.append(busy_pct(m0, machine_times()))
+            res.runs.append(r)
+            cpus = "  ".join(f"{k} {v:5.1f}%" for k, v in r.cpu_pct.items())
+            print(f"  {spec.key} run {i + 1}: {r.mbit_s:7.1f} Mbit/s  cpu {cpus}  machine "
+                  f"{res.machine_busy[-1]:.0f}%  retr {r.retransmits}", flush=True)
+        res.path, res.evidence = running.check_path()
+        if spec.via:
+            carried = sum(r.mbit_s for r in res.runs) * seconds / 8  # MB
+            res.evidence += (f"; {spec.via}'s eth0 received "
+                             f"{(_nebula.rx_bytes(lab, spec.via) - via0) / 1e6:.0f} MB during the "
+                             f"runs, iperf3 carried {carried:.0f} MB")
+        if res.path != spec.expect:
+            res.reason = f"failed: path is {res.path}, expected {spec.expect} ({res.evidence})"
+            res.runs.clear()
+    except (RuntimeError, subprocess.SubprocessError) as e:
+        res.reason = f"failed: {str(e).splitlines()[0][:300]}"
+        res.runs.clear()
+    finally:
+        if server is not None:
+            server.stop()
+        if running is not None:
+            running.stop()
+        if spec.block_direct:
+            _nebula.unblock_direct_udp(lab)
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    if res.reason:
+        print(f"{spec.label}: {res.reason}", flush=True)
+    return res
+
+
+def fmt_cpu(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}%"
+
+
+def table(results: list[RowResult]) -> str:
+    base = next((r.mbit for r in results if r.key == BASELINE and r.runs), None)
+    lines = [
+        "| row | Mbit/s (median) | runs | / wireguard-go direct | CPU a (sender side) "
+        "| CPU b (receiver side) | CPU relay | machine busy | TCP retr | MTU | path (checked) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        if not r.runs:
+            lines.append(f"| {r.label} | – | | | | | | | | | {r.reason} |")
+            continue
+        ratio = f"{r.mbit / base:.2f}x" if base else "–"
+        runs = " / ".join(f"{x.mbit_s:.0f}" for x in r.runs)
+        lines.append(
+            f"| {r.label} | {r.mbit:.0f} | {runs} | {ratio} | {fmt_cpu(r.cpu('a'))} "
+            f"| {fmt_cpu(r.cpu('b'))} | {fmt_cpu(r.cpu('r'))} | {median(r.machine_busy):.0f}% "
+            f"| {r.retransmits} | {r.mtu} | {r.path} |")
+    return "\n".join(lines)
+
+
+# -- chart ----------------------------------------------------------------------------------------
+def ensure_matplotlib() -> bool:
+    """matplotlib is the optional ``bench`` extra: install it into the venv when missing."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    venv_pip = ROOT / ".venv" / "bin" / "pip"
+    print("matplotlib missing: installing the bench extra "
+          f"({venv_pip} install -e '.[bench]')", flush=True)
+    cp = subprocess.run([str(venv_pip), "install", "-q", "-e", ".[bench]"], cwd=ROOT,
+                        capture_output=True, text=True, check=False, timeout=600)
+    importlib.invalidate_caches()
+    if cp.returncode != 0 or importlib.util.find_spec("matplotlib") is None:
+        print(f"could not install matplotlib; no chart. Run: cd {ROOT} && "
+              ".venv/bin/pip install -e '.[bench]'\n" + cp.stderr[-500:], file=sys.stderr)
+        return False
+    return True
+
+
+def draw_chart(results: list[RowResult], path: Path, subtitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.label for r in results]
+    vals = [r.mbit for r in results]
+    colours = ["#2b6cb0" if r.key.startswith("relaymesh") else
+               "#718096" if r.key.startswith("wireguard") else "#dd6b20" for r in results]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(results) + 1.6), dpi=110)
+    ys = list(range(len(results)))[::-1]
+    ax.barh(ys, vals, color=colours)
+    top = max([*vals, 1.0])
+    base = next((r.mbit for r in results if r.key == BASELINE and r.runs), None)
+    for y, r in zip(ys, results, strict=True):
+        if r.runs:
+            ratio = f"  ({r.mbit / base:.2f}x wg-go)" if base else ""
+            ax.text(r.mbit + top * 0.01, y, f"{r.mbit:.0f}{ratio}", va="center", fontsize=8)
+        else:
+            ax.text(top * 0.01, y, "not available" if r.reason and r.reason.startswith(
+                "not available") else "failed", va="center", fontsize=8, color="#a0aec0",
+                style="italic")
+    ax.set_yticks(ys, labels, fontsize=9)
+    ax.set_xlim(0, top * 1.3)
+    ax.set_xlabel("iperf3 TCP a -> b through the tunnel, Mbit/s (median)")
+    ax.set_title("relaymesh vs wireguard-go vs Nebula (bench/anchors.py)\n" + subtitle,
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- main -----------------------------------------------------------------------------------------
+def versions() -> str:
+    def dpkg(p: str) -> str:
+        cp = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", p], capture_output=True,
+                            text=True, check=False)
+        return cp.stdout.strip() or "not installed"
+    return (f"relaymesh {rm_version}, wireguard-go {dpkg('wireguard-go')}, "
+            f"nebula {dpkg('nebula')}, iperf3 {dpkg('iperf3')}")
+
+
+def doc_body(results: list[RowResult], args: argparse.Namespace, cmd: str, text: str,
+             load: tuple[tuple[float, float, float], tuple[float, float, float]],
+             started: datetime.datetime) -> str:
+    notes = [f"- {r.label}: {r.evidence}" for r in results if r.runs and r.evidence]
+    return (
+        f"### Anchors: relaymesh, wireguard-go and Nebula in one lab\n\n"
+        f"Command: `{cmd}`  \n"
+        f"Run: {started:%Y-%m-%d %H:%M} UTC on {os.cpu_count()} vCPUs ({platform.machine()}, "
+        f"Linux {platform.release()}); {versions()}. iperf3 TCP {args.seconds:g} s x "
+        f"{args.runs} runs per row, median; a -> b; every row in one lab (srv, r, a, b on the lab "
+        "internet), direct UDP between a and b dropped in the internet router for the relay "
+        "rows. CPU is % of one core over the run (utime+stime of the tunnel process); "
+        "\"machine busy\" is all cores over the run, including other engineers' work on this "
+        "shared machine. Load average (1/5/15 min) before the run "
+        f"{load[0][0]:.2f}/{load[0][1]:.2f}/{load[0][2]:.2f}, after "
+        f"{load[1][0]:.2f}/{load[1][1]:.2f}/{load[1][2]:.2f}.\n\n"
+        + text + "\n\nPath checks (after the runs):\n\n" + "\n".join(notes)
+        + "\n\n![anchors chart](benchmarks-anchors.png)\n"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=10.0, help="iperf3 duration per run")
+    ap.add_argument("--runs", type=int, default=3, help="runs per row (median reported)")
+    ap.add_argument("--rows", default=",".join(r.key for r in ROWS),
+                    help="comma list of rows: " + ", ".join(r.key for r in ROWS))
+    ap.add_argument("--no-docs", action="store_true",
+                    help="do not update docs/benchmarks.md nor the chart")
+    args = ap.parse_args()
+    by_key = {r.key: r for r in ROWS}
+    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+    bad = [k for k in keys if k not in by_key]
+    if bad:
+        ap.error(f"unknown row(s) {', '.join(bad)}")
+    if os.geteuid() != 0:
+        print("anchors: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    chart = not args.no_docs and ensure_matplotlib()
+    started = datetime.datetime.now(datetime.UTC)
+    load0 = os.getloadavg()
+    topo = Topology(name="anchors")
+    for h in HOSTS:
+        topo.add_host(h)
+    results: list[RowResult] = []
+    with Lab(topo, state_dir=None) as lab:
+        for k in keys:
+            print(by_key[k].label, flush=True)
+            results.append(run_row(lab, by_key[k], args.seconds, args.runs))
+    load1 = os.getloadavg()
+    text = table(results)
+    print("\n" + text)
+    for r in results:
+        if r.runs:
+            print(f"  {r.label}: {r.evidence}")
+    if not args.no_docs:
+        cmd = ".venv/bin/python bench/anchors.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        update_doc_section(DOC, SECTION, doc_body(results, args, cmd.strip(), text,
+                                                  (load0, load1), started))
+        print(f"updated {DOC.relative_to(ROOT)}")
+        if chart:
+            draw_chart(results, CHART, f"{started:%Y-%m-%d %H:%M} UTC, iperf3 {args.seconds:g} s "
+                       f"x {args.runs}, median; 2 shared vCPUs")
+            print(f"wrote {CHART.relative_to(ROOT)}")
+    return 0 if all(r.runs or (r.reason or "").startswith("not available") for r in results) \
+        else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
