@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from relaymesh.control.models import NodeRecord
-from relaymesh.control.policy import CompiledPolicy, FilterRule
+from relaymesh.control.policy import CompiledPolicy, FilterRule, NetSet
 
 __all__ = [
     "SentView",
+    "filter_rules",
     "filter_text",
     "logout_message",
     "node_json",
@@ -69,20 +70,40 @@ def node_json(
 _net_text = functools.lru_cache(maxsize=1 << 17)(str)
 
 
-def _rule_json(rule: FilterRule) -> Json:
+def _nets_json(nets: NetSet, memo: dict[int, list[str]] | None) -> list[str]:
+    if memo is None:
+        return [_net_text(n) for n in nets.networks]
+    got = memo.get(id(nets))
+    if got is None:
+        got = memo[id(nets)] = [_net_text(n) for n in nets.networks]
+    return got
+
+
+def _rule_json(rule: FilterRule, memo: dict[int, list[str]] | None = None) -> Json:
     """Same value as :meth:`FilterRule.to_json`, with the network texts memoised."""
     return {
-        "src": [_net_text(n) for n in rule.src.networks],
-        "dst": [_net_text(n) for n in rule.dst.networks],
+        "src": _nets_json(rule.src, memo),
+        "dst": _nets_json(rule.dst, memo),
         "ports": [[lo, hi] for lo, hi in rule.ports],
         "protos": None if rule.protos is None else sorted(rule.protos),
     }
 
 
+def filter_rules(
+    compiled: CompiledPolicy, node: NodeId, memo: dict[int, list[str]] | None = None
+) -> list[Json]:
+    """The node's inbound packet filter as plain JSON values (compared with ``==``, in C).
+
+    ``memo`` (keyed by ``id`` of a NetSet of ``compiled``, so only valid while ``compiled``
+    lives) shares the texts of source sets that many nodes' rules have in common, e.g. all the
+    nodes of one user under ``autogroup:self``. Treat the returned lists as immutable.
+    """
+    return [_rule_json(r, memo) for r in compiled.filter_for(node).rules]
+
+
 def filter_text(compiled: CompiledPolicy, node: NodeId) -> str:
-    """The node's inbound packet filter as canonical JSON text (cheap to compare)."""
-    rules = [_rule_json(r) for r in compiled.filter_for(node).rules]
-    return json.dumps(rules, separators=(",", ":"))
+    """The node's inbound packet filter as canonical JSON text."""
+    return json.dumps(filter_rules(compiled, node), separators=(",", ":"))
 
 
 def relay_json(
@@ -103,7 +124,7 @@ class SentView:
 
     self_rev: int = -1
     peers: dict[NodeId, int] = field(default_factory=dict)  # peer id -> rev sent
-    filter: str = ""
+    filter: list[Json] = field(default_factory=list)
     relay: Json = field(default_factory=dict)
     derp_rev: int = -1
 
@@ -114,7 +135,7 @@ class SentView:
         self_json: Json,
         self_rev: int,
         peers: Mapping[NodeId, tuple[int, Json]],
-        filter_: str,
+        filter_: list[Json],
         relay: Json,
         derp_map: Json,
         derp_rev: int,
@@ -130,7 +151,7 @@ class SentView:
             "version": version,
             "self": self_json,
             "peers": [peers[pid][1] for pid in sorted(peers)],
-            "packet_filter": json.loads(filter_),
+            "packet_filter": filter_,
             "derp_map": derp_map,
             "relay": relay,
         }
@@ -144,7 +165,7 @@ class SentView:
         candidates: Iterable[NodeId],
         peer_rev: Callable[[NodeId], int],
         peer_json: Callable[[NodeId], Json],
-        filter_: str | None,
+        filter_: list[Json] | None,
         relay: Json | None,
         derp_map: Json | None,
         derp_rev: int,
@@ -160,26 +181,29 @@ class SentView:
             out["self"] = self_json()
             self.self_rev = self_rev
         changed: list[Json] = []
+        check: Iterable[NodeId]
         if peer_ids is not None:
-            now_set = set(peer_ids)
-            removed = sorted(p for p in self.peers if p not in now_set)
-            for p in removed:
-                del self.peers[p]
-            if removed:
-                out["peers_removed"] = removed
-            check: Iterable[NodeId] = sorted(now_set)
+            now_set = peer_ids if isinstance(peer_ids, Set) else frozenset(peer_ids)
+            if self.peers.keys() != now_set:
+                removed = sorted(p for p in self.peers if p not in now_set)
+                for p in removed:
+                    del self.peers[p]
+                if removed:
+                    out["peers_removed"] = removed
+            check = now_set
         else:
-            check = sorted(p for p in set(candidates) if p in self.peers)
+            check = {p for p in candidates if p in self.peers}
         for p in check:
             rev = peer_rev(p)
             if self.peers.get(p) != rev:
                 self.peers[p] = rev
                 changed.append(peer_json(p))
         if changed:
+            changed.sort(key=lambda n: int(n["id"]))
             out["peers_changed"] = changed
         if filter_ is not None and filter_ != self.filter:
             self.filter = filter_
-            out["packet_filter"] = json.loads(filter_)
+            out["packet_filter"] = filter_
         if relay is not None and relay != self.relay:
             self.relay = relay
             out["relay"] = relay

@@ -24,7 +24,7 @@ from typing import Any
 from relaymesh.control.models import NodeRecord
 from relaymesh.control.netmap import (
     SentView,
-    filter_text,
+    filter_rules,
     logout_message,
     node_json,
     relay_json,
@@ -214,7 +214,7 @@ class HotState:
             self_json=node.json(),
             self_rev=node.rev,
             peers=peers,
-            filter_=filter_text(self.compiled, node_id),
+            filter_=filter_rules(self.compiled, node_id),
             relay=relay_json(self.compiled, node_id, self._node_key),
             derp_map=self.derp_map,
             derp_rev=self.derp_rev,
@@ -266,12 +266,13 @@ class HotState:
                 t.update(p for p in self.compiled.peers_of(c) if p in self.subs)
             targets = t
         derp = self.derp_map if self._derp_changed else None
+        memo: dict[int, list[str]] = {}  # network texts shared between nodes, this flush only
         for nid in targets:
             node = self.nodes.get(nid)
             if node is None:
                 continue
             peer_ids = self.compiled.peers_of(nid) if recompiled else None
-            ftxt = filter_text(self.compiled, nid) if recompiled else None
+            ftxt = filter_rules(self.compiled, nid, memo) if recompiled else None
             relay = relay_json(self.compiled, nid, self._node_key) if recompiled else None
             for sub in self.subs.get(nid, ()):
                 body = sub.view.delta(
