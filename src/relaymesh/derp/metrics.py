@@ -45,7 +45,7 @@ class DropReason(enum.StrEnum):
     MESH_BACKPRESSURE = "mesh_backpressure"  # mesh link's send buffer full
     NOT_MESH_PEER = "not_mesh_peer"  # forward-packet/watch-conns from an ordinary client
     UNEXPECTED_FRAME = "unexpected_frame"  # a frame only a server sends, or an unknown type
-    SELF_SEND = "self_send"  # a client addressed itself
+    DEST_CLOSING = "dest_closing"  # destination connection closing, not yet unregistered
 
 
 class RefuseReason(enum.StrEnum):
