@@ -1,0 +1,164 @@
+"""bench/anchors' Nebula rows, functionally: each carries a bounded TCP transfer on its path.
+
+Runs the benchmark's own row code (``anchors.ROWS``: lab topology, Nebula CA/configs, the direct
+UDP block, the path checks) with one bounded iperf3 transfer instead of timed runs, so the
+plumbing the benchmark depends on is tested in CI without measuring speed. Also checks, without
+a lab, that a row that cannot run is reported as not available and never measured.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import _nebula
+import anchors
+from relaymesh.lab import Lab, Topology
+
+TRANSFER = 4_000_000  # bytes: enough for many full-size packets, a second or two even when slow
+
+
+def _topology() -> Topology:
+    topo = Topology(name="nebula-anchor")
+    for h in anchors.HOSTS:
+        topo.add_host(h)
+    return topo
+
+
+# b: accept one connection, count bytes until EOF, print the count (bounded by a timeout)
+RECEIVER = textwrap.dedent("""
+    import json, socket, sys
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(60)
+    print("ready", flush=True)
+    c, _ = s.accept(); c.settimeout(60); n = 0
+    while chunk := c.recv(65536):
+        n += len(chunk)
+    print(json.dumps({"received": n}), flush=True)
+""")
+# a: connect (retrying while the tunnel settles), send N bytes, close
+SENDER = textwrap.dedent("""
+    import socket, sys, time
+    ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    end = time.monotonic() + 20
+    while True:
+        try:
+            c = socket.create_connection((ip, port), timeout=5); break
+        except OSError:
+            if time.monotonic() > end: raise
+            time.sleep(0.2)
+    c.settimeout(60); buf = bytes(65536); left = n
+    while left > 0:
+        left -= c.send(buf[:min(left, len(buf))])
+    c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+""")
+TRANSFER_PORT = 5299
+
+
+def _transfer(lab: Lab, server_ip: str) -> int:
+    """Send TRANSFER bytes a -> b's tunnel address over TCP; the bytes b counted until EOF."""
+    rx = lab.spawn(anchors.SERVER, [sys.executable, "-c", RECEIVER, server_ip,
+                                    str(TRANSFER_PORT)], name="tcp-recv")
+    try:
+        rx.wait_for("ready", 10)
+        lab.exec(anchors.CLIENT, [sys.executable, "-c", SENDER, server_ip, str(TRANSFER_PORT),
+                                  str(TRANSFER)], timeout=90)
+        rx.wait(30)
+        line = rx.output().strip().splitlines()[-1]
+        return int(json.loads(line)["received"])
+    finally:
+        rx.stop()
+
+
+def _row(key: str) -> anchors.RowSpec:
+    return next(r for r in anchors.ROWS if r.key == key)
+
+
+@pytest.fixture
+def nebula_lab(lab_factory: object) -> Lab:
+    reason = _nebula.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    lab: Lab = lab_factory(_topology())  # type: ignore[operator]
+    return lab
+
+
+@pytest.mark.lab
+def test_nebula_direct_row_carries_tcp_directly(nebula_lab: Lab, tmp_path: Path) -> None:
+    lab = nebula_lab
+    spec = _row("nebula-direct")
+    assert not spec.block_direct and spec.expect == "direct"
+    running = spec.start(lab, tmp_path)
+    try:
+        assert _transfer(lab, running.server_ip) == TRANSFER
+        path, evidence = running.check_path()
+        assert path == "direct", evidence
+        assert f"handshake via {lab.address(anchors.SERVER)}:{_nebula.NEBULA_PORT}" in evidence
+        assert set(running.pids) == {"a", "b"}
+    finally:
+        running.stop()
+
+
+@pytest.mark.lab
+def test_nebula_relay_row_carries_tcp_through_r_with_direct_udp_blocked(
+        nebula_lab: Lab, tmp_path: Path) -> None:
+    lab = nebula_lab
+    spec = _row("nebula-relay")
+    assert spec.block_direct and spec.expect == "relay" and spec.via == "r"
+    _nebula.block_direct_udp(lab, anchors.CLIENT, anchors.SERVER)
+    try:
+        running = spec.start(lab, tmp_path)
+        try:
+            r_before = _nebula.rx_bytes(lab, "r")
+            assert _transfer(lab, running.server_ip) == TRANSFER
+            r_received = _nebula.rx_bytes(lab, "r") - r_before
+            path, evidence = running.check_path()
+            ev = _nebula.path_evidence(_mesh_of(running), anchors.CLIENT, anchors.SERVER)
+        finally:
+            running.stop()
+        assert path == "relay", evidence
+        assert ev.handshake_addr == "<nil>" and ev.relay_requests >= 1, ev
+        assert ev.blocked_direct_packets > 0, "a never even tried the direct path"
+        # every byte of the transfer reached r (twice over its one link: in from a, out to b;
+        # only the inbound half is counted here)
+        assert r_received >= TRANSFER, r_received
+        assert "r" in running.pids
+    finally:
+        _nebula.unblock_direct_udp(lab)
+    tables = lab.exec("inet", ["nft", "list", "tables"]).stdout
+    assert _nebula.BLOCK_TABLE not in tables
+
+
+def _mesh_of(running: anchors.Running) -> _nebula.NebulaMesh:
+    """The NebulaMesh behind a started Nebula row (its stop is the mesh's bound close)."""
+    mesh = getattr(running.stop, "__self__", None)
+    assert isinstance(mesh, _nebula.NebulaMesh)
+    return mesh
+
+
+def test_unavailable_row_is_reported_not_measured() -> None:
+    started: list[str] = []
+
+    def start(lab: Lab, tmp: Path) -> anchors.Running:
+        started.append("yes")
+        raise AssertionError("an unavailable row must not be started")
+
+    spec = anchors.RowSpec("x", "row x", "direct", False, start, lambda: "no x here")
+    res = anchors.run_row(None, spec, 1.0, 1)  # type: ignore[arg-type]  # never touches the lab
+    assert res.reason == "not available: no x here" and res.runs == [] and started == []
+    text = anchors.table([res])
+    assert "| row x | – |" in text and "not available: no x here" in text
+
+
+def test_every_row_has_a_unique_key_and_the_baseline_is_wireguard_go() -> None:
+    keys = [r.key for r in anchors.ROWS]
+    assert len(keys) == len(set(keys))
+    assert anchors.BASELINE in keys
+    # the issue's rows, in order: relaymesh (direct, peer relay x2, DERP), wireguard-go, Nebula x2
+    assert [k.split("-")[0] for k in keys] == ["relaymesh"] * 4 + ["wireguard"] + ["nebula"] * 2
