@@ -68,7 +68,7 @@ Json = dict[str, Any]
 NDJSON = "application/x-ndjson"
 KEEPALIVE_LINE = b'{"type":"keepalive"}\n'
 # Upper bound of the adaptive coalescing delay: keeps a change's propagation well under 1 s.
-MAX_ADAPTIVE_COALESCE_S = 0.25
+MAX_ADAPTIVE_COALESCE_S = 0.3
 HOUSEKEEPING_S = 1.0  # key-expiry sweep period: expiry is enforced within this delay
 GC_FREEZE_GROWTH = 1.25  # re-freeze after the node count grew by a quarter
 GC_FREEZE_MIN_NODES = 100  # below this a full GC pass is cheap: do not bother
@@ -368,12 +368,12 @@ class ControlServer:
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
             # Under a stream of changes (a registration storm: the last flush ended less than
-            # its own duration ago) wait as long as that flush took, capped, so fan-out uses at
-            # most about half the CPU and each recompile folds in everything that arrived
-            # meanwhile. An isolated change only waits the short coalescing window.
+            # its own duration ago) wait twice as long as that flush took, capped, so fan-out
+            # uses at most about a third of the CPU and each recompile folds in everything that
+            # arrived meanwhile. An isolated change only waits the short coalescing window.
             delay = self.config.coalesce
             if time.monotonic() - self._last_flush_end < self.last_flush_s:
-                delay = max(delay, min(self.last_flush_s, MAX_ADAPTIVE_COALESCE_S))
+                delay = max(delay, min(2 * self.last_flush_s, MAX_ADAPTIVE_COALESCE_S))
             self._flush_handle = loop.call_later(delay, self._flush)
 
     def _flush(self) -> None:
