@@ -157,6 +157,9 @@ class DerpClient:
         self.server_info: F.ServerInfoPayload | None = None
         self._queue: asyncio.Queue[ReceivedPacket | None] = asyncio.Queue(recv_queue_len)
         self._writer: asyncio.StreamWriter | None = None
+        self._out: list[bytes] = []  # frames written this loop turn, see _write()
+        self._out_bytes = 0
+        self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -286,6 +289,7 @@ class DerpClient:
         if self._writer is not writer:
             return
         self._writer = None
+        self._out, self._out_bytes = [], 0
         self._connected.clear()
         writer.transport.abort()
         for fut in self._pings.values():
@@ -311,7 +315,7 @@ class DerpClient:
                          loop.time() - self._last_rx)
                 writer.transport.abort()
                 return
-            writer.write(F.encode_frame(F.Ping(os.urandom(F.PING_LEN))))
+            self._write(F.encode_frame(F.Ping(os.urandom(F.PING_LEN))))
 
     async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          fr: F.FrameReader, pending: list[F.Frame]) -> None:
@@ -349,7 +353,7 @@ class DerpClient:
             q.put_nowait(ReceivedPacket(f.src, f.packet))
             return
         if isinstance(f, F.Ping):
-            writer.write(F.encode_frame(F.Pong(f.data)))
+            self._write(F.encode_frame(F.Pong(f.data)))
             return
         if isinstance(f, F.Pong):
             fut = self._pings.pop(f.data, None)
@@ -368,13 +372,35 @@ class DerpClient:
 
     # ---- sending -----------------------------------------------------------------------------
 
+    def _write(self, frame: bytes) -> None:
+        """Collect a frame; all frames collected in one event-loop turn go out in one write
+        (one send(2) for a burst of packets instead of one per packet)."""
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        self._out, self._out_bytes = [], 0
+        w = self._writer
+        if w is not None:
+            w.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _backed_up(self, w: asyncio.StreamWriter) -> bool:
+        return self._out_bytes + w.transport.get_write_buffer_size() > self.max_write_buffer
+
     def send_nowait(self, dst: NodeKey, packet: bytes) -> bool:
         """Queue one packet for ``dst``; False (counted) if disconnected or too far behind."""
         w = self._writer
-        if w is None or w.transport.get_write_buffer_size() > self.max_write_buffer:
+        if w is None or self._backed_up(w):
             self.send_dropped += 1
             return False
-        w.write(F.encode_send_packet(dst, packet))
+        self._write(F.encode_send_packet(dst, packet))
         return True
 
     async def send(self, dst: NodeKey, packet: bytes) -> bool:
@@ -383,7 +409,8 @@ class DerpClient:
         if w is None:
             self.send_dropped += 1
             return False
-        w.write(F.encode_send_packet(dst, packet))
+        self._write(F.encode_send_packet(dst, packet))
+        self._flush()
         try:
             await w.drain()
         except ConnectionError:
@@ -393,10 +420,10 @@ class DerpClient:
     def send_forward_nowait(self, src: NodeKey, dst: NodeKey, packet: bytes) -> bool:
         """Mesh only: hand a packet from ``src`` (on our server) to ``dst`` (on theirs)."""
         w = self._writer
-        if w is None or w.transport.get_write_buffer_size() > self.max_write_buffer:
+        if w is None or self._backed_up(w):
             self.send_dropped += 1
             return False
-        w.write(F.encode_frame(F.ForwardPacket(src, dst, packet)))
+        self._write(F.encode_frame(F.ForwardPacket(src, dst, packet)))
         return True
 
     async def ping(self, timeout: float = 2.0) -> float:
@@ -409,7 +436,7 @@ class DerpClient:
         fut: asyncio.Future[None] = loop.create_future()
         self._pings[data] = fut
         t0 = loop.time()
-        w.write(F.encode_frame(F.Ping(data)))
+        self._write(F.encode_frame(F.Ping(data)))
         try:
             await asyncio.wait_for(fut, timeout)
         finally:
