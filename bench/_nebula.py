@@ -45,6 +45,12 @@ NEBULA_PORT = 4242  # Nebula's default listen port
 # Nebula's own default tun MTU (1300): the benchmark runs each tool as shipped, and 1300 leaves
 # room for the relay's extra header and tag on a 1500-byte underlay (1420 would not fit relayed).
 NEBULA_MTU = 1300
+# listen.read_buffer/write_buffer: the 4 MiB that relaymesh's datapath sets on its own socket
+# (wireguard/datapath.py SOCK_BUFSIZE), so the comparison is not about the kernel's 208 KiB
+# default. Nebula as shipped uses that default; in a side check (2026-11-24, 5 s runs on the
+# loaded 2-vCPU machine) it then made ~250-320 Mbit/s direct instead of ~390-540, with 3-4x the
+# TCP retransmits. 0 leaves the kernel default.
+NEBULA_SOCKET_BUFFER = 4 << 20
 BLOCK_TABLE = "rm_anchor_block"  # nftables table in the lab's internet router
 
 
@@ -94,7 +100,8 @@ def _run(cmd: Sequence[str], cwd: Path) -> None:
 
 
 def host_config(h: NebulaHost, d: Path, lighthouse: NebulaHost, lighthouse_addr: str,
-                relay: NebulaHost | None) -> dict[str, Any]:
+                relay: NebulaHost | None, mtu: int = NEBULA_MTU,
+                extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The config of one host, as a dict (written as JSON-flavoured YAML)."""
     cfg: dict[str, Any] = {
         "pki": {"ca": str(d / "ca.crt"), "cert": str(d / f"{h.host}.crt"),
@@ -107,7 +114,7 @@ def host_config(h: NebulaHost, d: Path, lighthouse: NebulaHost, lighthouse_addr:
         "punchy": {"punch": True},
         "relay": {"am_relay": h.relay, "use_relays": h.use_relay,
                   "relays": [relay.ip] if (h.use_relay and relay is not None) else []},
-        "tun": {"disabled": False, "dev": h.dev, "mtu": NEBULA_MTU},
+        "tun": {"disabled": False, "dev": h.dev, "mtu": mtu},
         "logging": {"level": "info", "format": "text"},
         "firewall": {
             "conntrack": {"tcp_timeout": "12m", "udp_timeout": "3m", "default_timeout": "10m"},
@@ -115,6 +122,8 @@ def host_config(h: NebulaHost, d: Path, lighthouse: NebulaHost, lighthouse_addr:
             "inbound": [{"port": "any", "proto": "any", "host": "any"}],
         },
     }
+    for section, values in (extra or {}).items():
+        cfg.setdefault(section, {}).update(values)
     return cfg
 
 
@@ -130,6 +139,9 @@ class NebulaMesh:
     members: Sequence[str]
     relay: str | None = None
     relay_users: Sequence[str] = ()
+    mtu: int = NEBULA_MTU
+    socket_buffer: int = NEBULA_SOCKET_BUFFER
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # merged into every config
     hosts: dict[str, NebulaHost] = field(default_factory=dict)
     dir: Path | None = None
 
@@ -151,7 +163,12 @@ class NebulaMesh:
         rl = self.hosts[self.relay] if self.relay else None
         for h in self.hosts.values():
             h.config = self.dir / f"{h.host}.yml"
-            cfg = host_config(h, self.dir, lh, self.lab.address(self.lighthouse), rl)
+            extra = dict(self.extra)
+            if self.socket_buffer:
+                extra["listen"] = {"read_buffer": self.socket_buffer,
+                                   "write_buffer": self.socket_buffer, **extra.get("listen", {})}
+            cfg = host_config(h, self.dir, lh, self.lab.address(self.lighthouse), rl, self.mtu,
+                              extra)
             h.config.write_text(json.dumps(cfg, indent=2) + "\n")
         for h in self.hosts.values():
             h.proc = self.lab.spawn(h.host, ["nebula", "-config", str(h.config)], name="nebula")

@@ -77,8 +77,14 @@ RELAY_POLICY = {
 }
 
 
-class RowUnavailable(Exception):
-    """A row cannot run here; the message is the reason shown in the table."""
+@dataclass
+class Settings:
+    """Command-line knobs the row starters read (they are called as ``start(lab, tmp)``)."""
+
+    nebula_buffer: int = _nebula.NEBULA_SOCKET_BUFFER
+
+
+SETTINGS = Settings()
 
 
 @dataclass
@@ -113,6 +119,7 @@ class RowResult:
     path: str = ""
     evidence: str = ""
     machine_busy: list[float] = field(default_factory=list)  # % of all cores, per run
+    via_bytes: int = 0  # received on the ``via`` host's eth0 during the runs
 
     @property
     def mbit(self) -> float:
@@ -225,8 +232,11 @@ def start_relaymesh(expect: str, relay_args: list[str] | None = None
         try:
             tn.start(up)
             ip = tn.ipv4(SERVER)
-            until(lambda: tn.peer(CLIENT, SERVER).get("path") == expect, 30,
-                  f"a's status to show b on path {expect} (now {tn.peer(CLIENT, SERVER)})")
+            try:
+                until(lambda: tn.peer(CLIENT, SERVER).get("path") == expect, 30,
+                      f"a's status to show b on path {expect}")
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}; b in a's status: {tn.peer(CLIENT, SERVER)}") from None
             wait_connect(lab, CLIENT, ip, 30)
         except BaseException:
             tn.stop()
@@ -279,7 +289,8 @@ def start_wireguard_go(lab: Lab, tmp: Path) -> Running:
 def start_nebula(relay: bool) -> Callable[[Lab, Path], Running]:
     def start(lab: Lab, tmp: Path) -> Running:
         mesh = _nebula.NebulaMesh(lab, "srv", [CLIENT, SERVER], relay="r" if relay else None,
-                                  relay_users=[CLIENT, SERVER] if relay else [])
+                                  relay_users=[CLIENT, SERVER] if relay else [],
+                                  socket_buffer=SETTINGS.nebula_buffer)
         try:
             mesh.start()
             mesh.wait_tunnel(CLIENT, SERVER, timeout=40)
@@ -328,8 +339,16 @@ ROWS: list[RowSpec] = [
 
 
 # -- running --------------------------------------------------------------------------------------
-def run_row(lab: Lab, spec: RowSpec, seconds: float, runs: int) -> RowResult:
-    res = RowResult(spec.key, spec.label)
+def run_row(lab: Lab, spec: RowSpec, seconds: float, runs: int,
+            res: RowResult | None = None) -> RowResult:
+    """Start the row, make ``runs`` iperf3 runs, check its path, stop it (also on failure).
+
+    Interleaved rounds call this once per round with ``runs=1`` and the same ``res``; a row that
+    failed or is not available is not started again.
+    """
+    res = res if res is not None else RowResult(spec.key, spec.label)
+    if res.reason is not None:
+        return res
     reason = spec.unavailable()
     if reason is not None:
         res.reason = f"not available: {reason}"
@@ -347,26 +366,24 @@ def run_row(lab: Lab, spec: RowSpec, seconds: float, runs: int) -> RowResult:
                            name="iperf3")
         server.wait_for("Server listening", 10)
         via0 = _nebula.rx_bytes(lab, spec.via) if spec.via else 0
-        for i in range(runs):
+        for _ in range(runs):
             m0 = machine_times()
             r = iperf_to(lab, CLIENT, running.server_ip, seconds, running.pids)
             res.machine_busy.append(busy_pct(m0, machine_times()))
             res.runs.append(r)
             cpus = "  ".join(f"{k} {v:5.1f}%" for k, v in r.cpu_pct.items())
-            print(f"  {spec.key} run {i + 1}: {r.mbit_s:7.1f} Mbit/s  cpu {cpus}  machine "
-                  f"{res.machine_busy[-1]:.0f}%  retr {r.retransmits}", flush=True)
+            print(f"  {spec.key} run {len(res.runs)}: {r.mbit_s:7.1f} Mbit/s  cpu {cpus}  "
+                  f"machine {res.machine_busy[-1]:.0f}%  retr {r.retransmits}", flush=True)
         res.path, res.evidence = running.check_path()
         if spec.via:
+            res.via_bytes += _nebula.rx_bytes(lab, spec.via) - via0
             carried = sum(r.mbit_s for r in res.runs) * seconds / 8  # MB
-            res.evidence += (f"; {spec.via}'s eth0 received "
-                             f"{(_nebula.rx_bytes(lab, spec.via) - via0) / 1e6:.0f} MB during the "
-                             f"runs, iperf3 carried {carried:.0f} MB")
+            res.evidence += (f"; {spec.via}'s eth0 received {res.via_bytes / 1e6:.0f} MB during "
+                             f"the runs, iperf3 carried {carried:.0f} MB")
         if res.path != spec.expect:
             res.reason = f"failed: path is {res.path}, expected {spec.expect} ({res.evidence})"
-            res.runs.clear()
     except (RuntimeError, subprocess.SubprocessError) as e:
         res.reason = f"failed: {str(e).splitlines()[0][:300]}"
-        res.runs.clear()
     finally:
         if server is not None:
             server.stop()
@@ -376,6 +393,7 @@ def run_row(lab: Lab, spec: RowSpec, seconds: float, runs: int) -> RowResult:
             _nebula.unblock_direct_udp(lab)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
     if res.reason:
+        res.runs.clear()  # a row that failed once reports nothing: no partial medians
         print(f"{spec.label}: {res.reason}", flush=True)
     return res
 
@@ -469,21 +487,56 @@ def doc_body(results: list[RowResult], args: argparse.Namespace, cmd: str, text:
              load: tuple[tuple[float, float, float], tuple[float, float, float]],
              started: datetime.datetime) -> str:
     notes = [f"- {r.label}: {r.evidence}" for r in results if r.runs and r.evidence]
+    order = ("all runs of a row back to back" if args.sequential else
+             "interleaved: each round starts every row afresh and makes one run of it, so load "
+             "changes on the shared machine hit every row alike")
+    nebula_buf = (f"listen buffers {args.nebula_buffer} B (as relaymesh's own socket; Nebula's "
+                  "shipped default is the kernel's)" if args.nebula_buffer else
+                  "listen buffers: kernel default (as shipped)")
     return (
         f"### Anchors: relaymesh, wireguard-go and Nebula in one lab\n\n"
         f"Command: `{cmd}`  \n"
         f"Run: {started:%Y-%m-%d %H:%M} UTC on {os.cpu_count()} vCPUs ({platform.machine()}, "
-        f"Linux {platform.release()}); {versions()}. iperf3 TCP {args.seconds:g} s x "
-        f"{args.runs} runs per row, median; a -> b; every row in one lab (srv, r, a, b on the lab "
-        "internet), direct UDP between a and b dropped in the internet router for the relay "
-        "rows. CPU is % of one core over the run (utime+stime of the tunnel process); "
-        "\"machine busy\" is all cores over the run, including other engineers' work on this "
+        f"Linux {platform.release()}); {versions()}.\n\n"
+        f"- iperf3 TCP a -> b through the tunnel, {args.seconds:g} s x {args.runs} runs per row, "
+        f"median; runs {order}.\n"
+        "- One lab for every row: srv (coordination server, Nebula lighthouse), r (relay) and "
+        "a, b, all on the lab internet without impairment; for the relay rows all UDP between "
+        "a and b (IPv4 and IPv6) is dropped in the internet router, and each row's path is "
+        "checked from the tool's own output (below).\n"
+        "- Each tool with its own tunnel MTU (column MTU): relaymesh's daemon 1280, "
+        f"wireguard-go 1420 (wg-quick's default), Nebula {_nebula.NEBULA_MTU} (its default); "
+        f"Nebula {nebula_buf}.\n"
+        "- CPU: % of one core over the run (utime+stime of the tunnel process from /proc); "
+        "\"machine busy\": all cores over the run, including other engineers' work on this "
         "shared machine. Load average (1/5/15 min) before the run "
         f"{load[0][0]:.2f}/{load[0][1]:.2f}/{load[0][2]:.2f}, after "
-        f"{load[1][0]:.2f}/{load[1][1]:.2f}/{load[1][2]:.2f}.\n\n"
+        f"{load[1][0]:.2f}/{load[1][1]:.2f}/{load[1][2]:.2f}. Every row is CPU-bound on 2 "
+        "shared cores (sender, receiver, both tunnel ends and the relay): compare ratios.\n\n"
         + text + "\n\nPath checks (after the runs):\n\n" + "\n".join(notes)
+        + "\n\n" + reference_note(results)
         + "\n\n![anchors chart](benchmarks-anchors.png)\n"
     )
+
+
+# shared/design/MEASUREMENTS.md, same kind of machine (2 vCPUs), A and B behind NATs there
+REFERENCE = {"nebula-direct": 741.0, "nebula-relay": 291.0, BASELINE: 466.0}
+
+
+def reference_note(results: list[RowResult]) -> str:
+    """This run next to the design notes' reference figures (a sanity check, not a target)."""
+    got = {r.key: r.mbit for r in results if r.runs}
+    parts = [f"{k} {got[k]:.0f} (reference {v:.0f}, {got[k] / v:.2f}x)"
+             for k, v in REFERENCE.items() if k in got]
+    if not parts:
+        return ""
+    text = ("Sanity check against the reference figures in MEASUREMENTS.md (Nebula 1.6.1 direct "
+            "741 Mbit/s, via relay 291, wireguard-go direct 466; measured on an otherwise idle "
+            "machine with a and b behind NATs): this run " + "; ".join(parts) + ".")
+    if "nebula-direct" in got and "nebula-relay" in got and got["nebula-direct"] > 0:
+        text += (f" Nebula relay/direct here {got['nebula-relay'] / got['nebula-direct']:.2f}, "
+                 f"reference {291 / 741:.2f}.")
+    return text
 
 
 def main() -> int:
@@ -492,6 +545,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per row (median reported)")
     ap.add_argument("--rows", default=",".join(r.key for r in ROWS),
                     help="comma list of rows: " + ", ".join(r.key for r in ROWS))
+    ap.add_argument("--sequential", action="store_true",
+                    help="all runs of a row back to back (default: interleaved rounds, one run "
+                    "of every row per round, so load changes on the shared machine hit every "
+                    "row alike)")
+    ap.add_argument("--nebula-buffer", type=int, default=_nebula.NEBULA_SOCKET_BUFFER,
+                    metavar="BYTES", help="Nebula listen.read_buffer/write_buffer (0: kernel "
+                    "default, as shipped)")
     ap.add_argument("--no-docs", action="store_true",
                     help="do not update docs/benchmarks.md nor the chart")
     args = ap.parse_args()
@@ -503,17 +563,24 @@ def main() -> int:
     if os.geteuid() != 0:
         print("anchors: needs root (network namespaces)", file=sys.stderr)
         return 2
+    SETTINGS.nebula_buffer = args.nebula_buffer
     chart = not args.no_docs and ensure_matplotlib()
     started = datetime.datetime.now(datetime.UTC)
     load0 = os.getloadavg()
     topo = Topology(name="anchors")
     for h in HOSTS:
         topo.add_host(h)
-    results: list[RowResult] = []
+    results = [RowResult(k, by_key[k].label) for k in keys]
     with Lab(topo, state_dir=None) as lab:
-        for k in keys:
-            print(by_key[k].label, flush=True)
-            results.append(run_row(lab, by_key[k], args.seconds, args.runs))
+        if args.sequential:
+            for res in results:
+                print(res.label, flush=True)
+                run_row(lab, by_key[res.key], args.seconds, args.runs, res)
+        else:
+            for i in range(args.runs):
+                print(f"round {i + 1}/{args.runs}", flush=True)
+                for res in results:
+                    run_row(lab, by_key[res.key], args.seconds, 1, res)
     load1 = os.getloadavg()
     text = table(results)
     print("\n" + text)
