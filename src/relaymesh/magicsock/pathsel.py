@@ -262,6 +262,19 @@ class PeerPaths:
         if cand.kind is Path.DIRECT and cand.addr is not None:
             self.add_direct_candidate(cand.addr)
 
+    def set_policy(self, policy: PathPolicy, now: float) -> list[Action]:
+        """Change the path policy; a best path it now forbids is dropped at once, and every
+        candidate is probed again so a newly allowed path is found without waiting for the
+        periodic re-probe."""
+        if policy is self.policy:
+            return []
+        self.policy = policy
+        if self.best is not None and not self._allowed(self.best):
+            self._last_decision = f"{self.best.describe()} not allowed by path policy {policy}"
+            self.best = None
+            self._reconsider(now)
+        return self.reprobe_now(now) if self.last_send is not None else []
+
     def reprobe_now(self, now: float) -> list[Action]:
         """Probe every candidate at once: the peer's endpoints changed, it pinged us, or it sent
         call-me-maybe. The peer counts as active from now (it is looking for us), so the usual

@@ -650,8 +650,10 @@ class Backend:
 
     def _apply_path_policies(self) -> None:
         pol = self.st.prefs.path_policy
+        now = time.monotonic()
         for n in self.netmap.peers.values():
-            self.disco.set_path_policy(n.id, PathPolicy(pol.get(n.name, "auto")))
+            self._send(self.disco.set_path_policy(n.id, PathPolicy(pol.get(n.name, "auto")), now))
+        self._reconcile_endpoints()
 
     # -- disco ----------------------------------------------------------------------------------
 

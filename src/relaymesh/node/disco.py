@@ -139,10 +139,12 @@ class DiscoManager:
         """Our own direct endpoints (local addresses and the STUN mapping) for call-me-maybe."""
         self.endpoints = list(endpoints)[:MAX_ENDPOINTS]
 
-    def set_path_policy(self, peer_id: int, policy: PathPolicy) -> None:
+    def set_path_policy(self, peer_id: int, policy: PathPolicy, now: float = 0.0) -> list[Send]:
+        """Apply a per-peer path policy; a changed policy re-probes the peer at once."""
         p = self._peers.get(peer_id)
-        if p is not None:
-            p.paths.policy = policy
+        if p is None:
+            return []
+        return self._actions(p, p.paths.set_policy(policy, now))
 
     def note_activity(self, peer_id: int, now: float) -> list[Send]:
         """Data went to this peer: keeps heartbeats going (and probes after idle)."""
