@@ -441,7 +441,11 @@ class _Conn(asyncio.Protocol):
 
 
 class DerpServer:
-    """A DERP server bound to one event loop. ``await start(host, port)``, ``await close()``."""
+    """A DERP server bound to the running event loop (construct it inside that loop).
+
+    ``await start(host, port)``, optionally ``start_stun``/``start_metrics``/``add_mesh_peer``,
+    then ``await close()``.
+    """
 
     def __init__(self, private: PrivateKey, admission: Admission | None = None,
                  config: DerpServerConfig | None = None) -> None:
@@ -466,7 +470,7 @@ class DerpServer:
         self._servers: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.stun: StunServer | None = None
-        self._loop = asyncio.get_event_loop()
+        self._loop = asyncio.get_running_loop()  # construct inside the loop that serves
         self.address: tuple[str, int] | None = None
         self.admission.subscribe(self._on_admission_change)
 
