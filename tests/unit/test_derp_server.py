@@ -432,3 +432,20 @@ async def test_refused_client_sees_the_reason() -> None:
     finally:
         await srv.close()
 
+
+
+async def test_server_sends_keepalives_and_answers_pings() -> None:
+    srv = DerpServer(PrivateKey.generate(), config=DerpServerConfig(keepalive_interval=0.05))
+    await srv.start("127.0.0.1", 0)
+    raw = await Raw.open(srv)
+    await raw.handshake(PrivateKey.generate())
+    try:
+        assert isinstance(await raw.frame(), F.KeepAlive)
+        assert isinstance(await raw.frame(), F.KeepAlive)
+        raw.writer.write(F.encode_frame(F.Ping(b"12345678")))
+        while isinstance(f := await raw.frame(), F.KeepAlive):
+            pass
+        assert f == F.Pong(b"12345678")
+    finally:
+        raw.writer.close()
+        await srv.close()
