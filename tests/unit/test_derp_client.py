@@ -217,6 +217,11 @@ async def test_probe_and_region_measurement() -> None:
             {"id": 2, "code": "down", "nodes": [{"name": "2a", "host": "127.0.0.1",
                                                   "derp_port": dead_port, "tls": False}]},
         ]}
+        node = {**derp_map["regions"][0]["nodes"][0], "server_key": str(srv.key)}
+        c = DerpClient.for_map_node(node, PrivateKey.generate())
+        assert c.expected_server_key == srv.key
+        await c.connect()
+        await c.close()
         lat = await measure_regions(derp_map, timeout=1.0)
         assert lat[2] is None and lat[1] is not None and lat[1] > 0
         assert pick_home_region(lat) == 1

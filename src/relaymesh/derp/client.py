@@ -177,6 +177,14 @@ class DerpClient:
         self.bad_frames = 0
         self.packets_received = 0
 
+    @classmethod
+    def for_map_node(cls, node: Mapping[str, Any], private: PrivateKey,
+                     **kwargs: Any) -> DerpClient:
+        """A client for one DERP map node; pins ``node["server_key"]`` when the map has it."""
+        key = node.get("server_key")
+        return cls(node_url(node), private,
+                   server_key=NodeKey.parse(str(key)) if key else None, **kwargs)
+
     # ---- state -------------------------------------------------------------------------------
 
     @property
