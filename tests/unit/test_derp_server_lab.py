@@ -98,7 +98,7 @@ def test_meshed_derp_servers_relay_between_udp_blocked_nodes(tmp_path: Path) -> 
                             str(kb.node_public()), "ping", str(PINGS)], name="peer")
         a.wait(60)
         out = a.output()
-        assert f"sent {PINGS} got {PINGS}" in out or f"got {PINGS}" in out, lab.logs()
+        assert f"got {PINGS}" in out, lab.logs()
         metrics = lab.exec("d1", [sys.executable, "-c",
                                   "import urllib.request;print(urllib.request.urlopen("
                                   f"'http://127.0.0.1:{DERP_PORT}/metrics').read().decode())"])
