@@ -96,6 +96,7 @@ class Running:
     mtu: int
     check_path: Callable[[], tuple[str, str]]  # -> (path word, evidence text)
     stop: Callable[[], None]
+    handle: object = None  # the row's own object (Tailnet, NebulaMesh, ...) for tests/debugging
 
 
 @dataclass
@@ -247,7 +248,7 @@ def start_relaymesh(expect: str, relay_args: list[str] | None = None
             return str(p.get("path")), f"`relaymesh status`: path {p.get('path')} " \
                                        f"endpoint {p.get('endpoint')}"
 
-        return Running(ip, {n: tn.procs[n].pid for n in nodes}, RM_MTU, check, tn.stop)
+        return Running(ip, {n: tn.procs[n].pid for n in nodes}, RM_MTU, check, tn.stop, tn)
 
     return start
 
@@ -305,7 +306,7 @@ def start_nebula(relay: bool) -> Callable[[Lab, Path], Running]:
             ev = _nebula.path_evidence(mesh, CLIENT, SERVER)
             return ev.path, "nebula log: " + ev.summary()
 
-        return Running(mesh.ip(SERVER), pids, _nebula.NEBULA_MTU, check, mesh.close)
+        return Running(mesh.ip(SERVER), pids, _nebula.NEBULA_MTU, check, mesh.close, mesh)
 
     return start
 
@@ -506,7 +507,8 @@ def doc_body(results: list[RowResult], args: argparse.Namespace, cmd: str, text:
         "checked from the tool's own output (below).\n"
         "- Each tool with its own tunnel MTU (column MTU): relaymesh's daemon 1280, "
         f"wireguard-go 1420 (wg-quick's default), Nebula {_nebula.NEBULA_MTU} (its default); "
-        f"Nebula {nebula_buf}.\n"
+        f"Nebula {nebula_buf}. wireguard-go and Nebula are given b's IPv4 address; relaymesh's "
+        "daemon chooses its underlay family itself (its path check shows the endpoint).\n"
         "- CPU: % of one core over the run (utime+stime of the tunnel process from /proc); "
         "\"machine busy\": all cores over the run, including other engineers' work on this "
         "shared machine. Load average (1/5/15 min) before the run "
@@ -531,8 +533,8 @@ def reference_note(results: list[RowResult]) -> str:
     if not parts:
         return ""
     text = ("Sanity check against the reference figures in MEASUREMENTS.md (Nebula 1.6.1 direct "
-            "741 Mbit/s, via relay 291, wireguard-go direct 466; measured on an otherwise idle "
-            "machine with a and b behind NATs): this run " + "; ".join(parts) + ".")
+            "741 Mbit/s, via relay 291, wireguard-go direct 466; same kind of machine, a and b "
+            "behind NATs there): this run " + "; ".join(parts) + ".")
     if "nebula-direct" in got and "nebula-relay" in got and got["nebula-direct"] > 0:
         text += (f" Nebula relay/direct here {got['nebula-relay'] / got['nebula-direct']:.2f}, "
                  f"reference {291 / 741:.2f}.")

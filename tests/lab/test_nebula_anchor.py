@@ -136,10 +136,8 @@ def test_nebula_relay_row_carries_tcp_through_r_with_direct_udp_blocked(
 
 
 def _mesh_of(running: anchors.Running) -> _nebula.NebulaMesh:
-    """The NebulaMesh behind a started Nebula row (its stop is the mesh's bound close)."""
-    mesh = getattr(running.stop, "__self__", None)
-    assert isinstance(mesh, _nebula.NebulaMesh)
-    return mesh
+    assert isinstance(running.handle, _nebula.NebulaMesh)
+    return running.handle
 
 
 def test_unavailable_row_is_reported_not_measured() -> None:
