@@ -3,7 +3,8 @@
 Runs the benchmark's own row code (``anchors.ROWS``: lab topology, Nebula CA/configs, the direct
 UDP block, the path checks) with one bounded iperf3 transfer instead of timed runs, so the
 plumbing the benchmark depends on is tested in CI without measuring speed. Also checks, without
-a lab, that a row that cannot run is reported as not available and never measured.
+a lab (no root needed), that a row that cannot run is reported as not available and never
+measured, and how the table computes medians and ratios to wireguard-go direct.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import _nebula
 import anchors
+from _common import IperfResult
 from relaymesh.lab import Lab, Topology
 
 TRANSFER = 4_000_000  # bytes: enough for many full-size packets, a second or two even when slow
@@ -160,3 +162,18 @@ def test_every_row_has_a_unique_key_and_the_baseline_is_wireguard_go() -> None:
     assert anchors.BASELINE in keys
     # the issue's rows, in order: relaymesh (direct, peer relay x2, DERP), wireguard-go, Nebula x2
     assert [k.split("-")[0] for k in keys] == ["relaymesh"] * 4 + ["wireguard"] + ["nebula"] * 2
+
+
+def test_table_ratios_are_to_wireguard_go_direct_and_medians_of_the_runs() -> None:
+    def runs(*mbits: float) -> list[IperfResult]:
+        return [IperfResult(m, 10, {"a": m / 10, "b": m / 20}) for m in mbits]
+
+    base = anchors.RowResult(anchors.BASELINE, "wireguard-go direct", runs=runs(300, 100, 200),
+                             mtu=1420, path="direct", machine_busy=[90.0, 95.0, 100.0])
+    neb = anchors.RowResult("nebula-relay", "Nebula via its relay", runs=runs(50, 150, 100),
+                            mtu=1300, path="relay", machine_busy=[99.0, 99.0, 99.0])
+    lines = anchors.table([neb, base]).splitlines()
+    # median 100 of (50, 150, 100) over median 200 of (300, 100, 200); CPU medians of a and b
+    assert lines[2] == ("| Nebula via its relay | 100 | 50 / 150 / 100 | 0.50x | 10% | 5% | – "
+                        "| 99% | 10 | 1300 | relay |")
+    assert lines[3].startswith("| wireguard-go direct | 200 | 300 / 100 / 200 | 1.00x |")
