@@ -231,10 +231,6 @@ class _Conn(asyncio.Protocol):
         m.forwarded_local += pkts
         m.forwarded_local_bytes += nbytes
 
-    def send_frame(self, frame: F.Frame) -> None:
-        if self.state == _READY:
-            self.deliver(F.encode_frame(frame), -1)
-
     def close(self, problem: str | None = None) -> None:
         """Close after telling the client why (health frame); abort if it never flushes."""
         if self.state == _CLOSED or self.transport is None:
