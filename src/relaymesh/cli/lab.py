@@ -201,3 +201,33 @@ def nat_check(run: str | None, host: str, local_port: int) -> None:
     click.echo(f"looks like {', '.join(kinds) if kinds else 'no lab kind'}")
 
 
+
+
+
+GRID_KINDS = "none,firewall,easy,hard,one2one,udp-blocked"  # relaymesh.lab.grid.NAT_KINDS
+
+
+@command.command("grid")
+@click.option("--kinds", default=GRID_KINDS, show_default=True,
+              help="Comma-separated NAT kinds; every unordered pair is run.")
+@click.option("--out", "out_dir", default="docs", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where nat-grid.md and nat-grid.html are written.")
+def grid(kinds: str, out_dir: Path) -> None:
+    """Run relaymesh nodes behind every pair of NAT kinds; write the path each pair reached."""
+    import tempfile
+
+    from relaymesh.lab.grid import run_grid, write_reports
+
+    ks = [k.strip() for k in kinds.split(",") if k.strip()]
+    with tempfile.TemporaryDirectory(prefix="rm-grid-") as tmp:
+        try:
+            results = run_grid(ks, root=Path(tmp), log=click.echo)
+        except Exception as e:
+            raise _fail(e) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = "relaymesh lab grid" + ("" if kinds == GRID_KINDS else f" --kinds {kinds}")
+    write_reports(results, out_dir / "nat-grid.md", out_dir / "nat-grid.html", cmd)
+    click.echo(f"wrote {out_dir / 'nat-grid.md'} and {out_dir / 'nat-grid.html'}")
+    if any(not r.echo_ok for r in results):
+        raise click.ClickException("some pairs could not reach each other (see the grid)")

@@ -48,6 +48,7 @@ ECHO_PORT = 7777
 SINK_PORT = 7778
 SERVER_HOST = "srv"
 ALLOW_ALL = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}\n'
+GRID_BATCH = 7  # pairs per lab in `relaymesh lab grid`
 SETTLE_TIMEOUT = 20.0  # s: a pair that is not direct by then is what it is (DERP)
 
 ECHO_SERVER = textwrap.dedent("""
@@ -346,28 +347,36 @@ class GridResult:
 
 
 def run_grid(kinds: Sequence[str] = NAT_KINDS, *, root: Path,
-             log: Callable[[str], None] = print) -> list[GridResult]:
-    """Every unordered pair of ``kinds`` (including a kind with itself) in one lab."""
+             log: Callable[[str], None] = print, batch: int = GRID_BATCH) -> list[GridResult]:
+    """Every unordered pair of ``kinds`` (including a kind with itself), ``batch`` pairs per lab
+    (one tailnet per lab: every node probes every other, so a lab of all 21 pairs would spend
+    the 2 shared cores on 42 x 41 peer probes)."""
     cells = [(ka, kb) for i, ka in enumerate(kinds) for kb in kinds[i:]]
-    topo = pair_topology(cells)
     results: list[GridResult] = []
-    with Lab(topo, state_dir=None) as lab:
-        names = [h for i in range(len(cells)) for h in (f"a{i}", f"b{i}")]
-        log(f"lab {lab.run_id}: {len(cells)} pairs, starting {len(names)} nodes")
-        m = start_mesh(lab, root, names)
-        log("nodes up; probing each pair")
-        for i, (ka, kb) in enumerate(cells):
-            a, b = f"a{i}", f"b{i}"
-            first = m.echo(a, b, deadline=15)  # first traffic: starts the path discovery
-            exp = expected_path(ka, kb)
-            pab, pba = m.settle(a, b, timeout=8.0 if exp == "derp" else SETTLE_TIMEOUT)
-            e = m.echo(a, b, deadline=10)
-            via = str((m.peer(a, b) or {}).get("via") or "-")
-            r = GridResult(ka, kb, pab, pba, via, bool(first.get("ok") and e.get("ok")), exp)
-            log(f"{ka:>11} / {kb:<11} {pab:>6} {pba:>6}  echo {'ok' if r.echo_ok else 'FAIL'}"
-                f"  (expected {exp})")
-            results.append(r)
+    for start in range(0, len(cells), batch):
+        part = cells[start:start + batch]
+        sub = root / f"batch{start // batch}"
+        sub.mkdir(parents=True, exist_ok=True)
+        with Lab(pair_topology(part), state_dir=None) as lab:
+            names = [h for i in range(len(part)) for h in (f"a{i}", f"b{i}")]
+            log(f"lab {lab.run_id}: pairs {start + 1}-{start + len(part)} of {len(cells)}")
+            m = start_mesh(lab, sub, names)
+            for i, (ka, kb) in enumerate(part):
+                results.append(_grid_pair(m, f"a{i}", f"b{i}", ka, kb, log))
     return results
+
+
+def _grid_pair(m: MeshLab, a: str, b: str, ka: str, kb: str,
+               log: Callable[[str], None]) -> GridResult:
+    first = m.echo(a, b, deadline=15)  # first traffic: starts the path discovery
+    exp = expected_path(ka, kb)
+    pab, pba = m.settle(a, b, timeout=8.0 if exp == "derp" else SETTLE_TIMEOUT)
+    e = m.echo(a, b, deadline=10)
+    via = str((m.peer(a, b) or {}).get("via") or "-")
+    r = GridResult(ka, kb, pab, pba, via, bool(first.get("ok") and e.get("ok")), exp)
+    log(f"{ka:>11} / {kb:<11} {pab:>6} {pba:>6}  echo {'ok' if r.echo_ok else 'FAIL'}"
+        f"  (expected {exp})")
+    return r
 
 
 def write_reports(results: Sequence[GridResult], md_path: Path, html_path: Path,
