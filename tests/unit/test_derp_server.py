@@ -189,7 +189,7 @@ async def test_queue_overflow_drops_are_counted_and_the_connection_survives() ->
     await slow.handshake(slow_key)
     dst = slow_key.node_public()
     try:
-        sent = 4000  # 5.6 MB: more than kernel buffers + 256 KiB transport + 16 queued frames
+        sent = 8000  # 11 MB: over the 4 MiB tcp_wmem max + 256 KiB transport + 16 queued frames
         for _ in range(sent):
             assert await a.send(dst, PAYLOAD)
         await wait_for(lambda: srv.metrics.packets_received == sent, 10, "server read all")
