@@ -29,6 +29,12 @@ Prints the table; writes the ``anchors`` section of docs/benchmarks.md and
 docs/benchmarks-anchors.png (matplotlib, the ``bench`` extra) unless ``--no-docs``. Needs root::
 
     .venv/bin/python bench/anchors.py [--seconds 10] [--runs 3] [--rows nebula-direct,...]
+                                      [--sequential] [--json FILE] [--no-docs]
+
+Adding a row: a ``RowSpec`` in ``ROWS`` whose ``start(lab, tmp)`` returns a ``Running`` (the
+server's tunnel address, the pids to measure, a path check in the tool's own words, a stop).
+The relaymesh peer relay and DERP rows are already wired that way and only wait for the daemon:
+drop their ``_not_yet`` reason when it serves those paths.
 """
 
 from __future__ import annotations
@@ -399,6 +405,16 @@ def run_row(lab: Lab, spec: RowSpec, seconds: float, runs: int,
     return res
 
 
+def result_json(r: RowResult) -> dict[str, object]:
+    """One row for ``--json``: what the table shows, unrounded, plus every run."""
+    return {"key": r.key, "label": r.label, "reason": r.reason,
+            "mbit_s": r.mbit if r.runs else None,
+            "runs": [{"mbit_s": x.mbit_s, "retransmits": x.retransmits, "cpu_pct": x.cpu_pct}
+                     for x in r.runs],
+            "machine_busy_pct": r.machine_busy, "mtu": r.mtu or None, "path": r.path or None,
+            "evidence": r.evidence or None}
+
+
 def fmt_cpu(x: float | None) -> str:
     return "–" if x is None else f"{x:.0f}%"
 
@@ -554,6 +570,8 @@ def main() -> int:
     ap.add_argument("--nebula-buffer", type=int, default=_nebula.NEBULA_SOCKET_BUFFER,
                     metavar="BYTES", help="Nebula listen.read_buffer/write_buffer (0: kernel "
                     "default, as shipped)")
+    ap.add_argument("--json", type=Path, metavar="FILE",
+                    help="also write every row's runs, CPU, path and reason as JSON")
     ap.add_argument("--no-docs", action="store_true",
                     help="do not update docs/benchmarks.md nor the chart")
     args = ap.parse_args()
@@ -589,6 +607,9 @@ def main() -> int:
     for r in results:
         if r.runs:
             print(f"  {r.label}: {r.evidence}")
+    if args.json:
+        args.json.write_text(json.dumps([result_json(r) for r in results], indent=2) + "\n")
+        print(f"wrote {args.json}")
     if not args.no_docs:
         cmd = ".venv/bin/python bench/anchors.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         update_doc_section(DOC, SECTION, doc_body(results, args, cmd.strip(), text,
