@@ -294,6 +294,7 @@ class Backend:
         async with self._up_lock:
             await self._stop_session()
             await self._stop_engine()
+            await self.derp.close()
             self.st.state.want_running = False
             self.st.save_state()
             self.netmap = NetMap()
@@ -577,6 +578,7 @@ class Backend:
         self.netmap = NetMap()
         self.disco.set_peers([], time.monotonic())
         await self._stop_engine()
+        await self.derp.close()
         s = self.st.state
         s.node_id = None
         s.want_running = False

@@ -144,6 +144,9 @@ class DerpConns:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
+        """Close every connection and forget the map and home (``down``, logout, exit)."""
+        self.derp_map = {}
+        self.home = 0
         conns = list(self._conns.values())
         self._conns.clear()
         self._last_used.clear()
