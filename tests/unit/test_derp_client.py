@@ -251,3 +251,25 @@ def test_urls() -> None:
     assert node_url({"host": "198.18.0.2", "derp_port": 3340, "tls": False}) == (
         "http://198.18.0.2:3340/derp")
     assert node_url({"host": "::1", "tls": True}) == "https://[::1]:443/derp"
+
+
+async def test_short_lived_connections_keep_backing_off() -> None:
+    """Two supervised clients with the same key evict each other; backoff keeps growing
+    (connections shorter than STABLE_S do not reset it), so they do not hammer the server."""
+    srv = DerpServer(PrivateKey.generate())
+    await srv.start("127.0.0.1", 0)
+    priv = PrivateKey.generate()
+    a = DerpClient(url_of(srv), priv, backoff_max=1.0)
+    b = DerpClient(url_of(srv), priv, backoff_max=1.0)
+    a.start()
+    b.start()
+    try:
+        await asyncio.sleep(3.0)
+        # With a fixed 0.1 s delay each would connect ~25 times in 3 s; with doubling from
+        # 0.1 s (+-20%) to 1 s, at most 0.1+0.2+0.4+0.8 = 1.5 s, then one per second: < 8.
+        assert a.connects + b.connects <= 16
+        assert a.connects >= 1 and b.connects >= 1
+    finally:
+        await a.close()
+        await b.close()
+        await srv.close()

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S = 0.1  # first retry soon: a restarting server is usually back within a second
 BACKOFF_MAX_S = 2.0  # cap low so traffic resumes within 5 s of a server restart (issue 5 #3)
+STABLE_S = 5.0  # a connection that lasted this long resets the backoff; shorter ones keep
+# growing it, so a server that accepts and then drops us (eviction, duplicate key) is not hammered
 CONNECT_TIMEOUT_S = 5.0  # TCP + TLS + HTTP upgrade + key proof
 KEEPALIVE_INTERVAL_S = 30.0  # client ping; the server also sends keep-alives every 60 s
 READ_TIMEOUT_S = 75.0  # no byte for this long: the connection is dead, redial
@@ -274,9 +276,12 @@ class DerpClient:
                 self.last_error = e
                 log.debug("DERP %s connect failed: %s", self.url.hostport, e)
             else:
-                delay = self.backoff_min
+                loop = asyncio.get_running_loop()
+                up_at = loop.time()
                 self._attach(writer)
                 await self._read_loop(reader, writer, fr, pending)
+                if loop.time() - up_at >= STABLE_S:
+                    delay = self.backoff_min  # it worked for a while: retry at once
                 if self._restart_hint is not None:
                     delay, self._restart_hint = self._restart_hint, None
             if self._closing:
