@@ -95,6 +95,9 @@ def test_serve_usage_errors(tmp_path: Path) -> None:
     ]
     env: dict[str, str | None] = {"RELAYMESH_DERP_ADMISSION_TOKEN": None}  # unset
     cases.append((["--admission-url", "http://c"], "token"))
+    bad_list = tmp_path / "allow.txt"
+    bad_list.write_text("not-a-key\n")
+    cases.append((["--allow-keys", str(bad_list)], "line 1"))
     for args, msg in cases:
         out = r.invoke(cli, ["derp", "serve", "--state-dir", str(tmp_path / "s"), *args],
                        env=env)

@@ -94,7 +94,12 @@ def serve(listen: str, tls_cert: Path | None, tls_key: Path | None, stun_port: i
           rate_burst: int, queue_len: int, metrics_listen: str | None, state_dir: Path,
           verbose: bool) -> None:
     """Run a DERP server in the foreground."""
-    from relaymesh.derp.admission import AllowAll, ControlAdmission, StaticAllowList
+    from relaymesh.derp.admission import (
+        AdmissionError,
+        AllowAll,
+        ControlAdmission,
+        StaticAllowList,
+    )
     from relaymesh.derp.server import DerpServerConfig
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -135,6 +140,8 @@ def serve(listen: str, tls_cert: Path | None, tls_key: Path | None, stun_port: i
                          metrics_addr))
     except OSError as e:
         raise click.ClickException(f"cannot start: {e.strerror or e}") from None
+    except AdmissionError as e:
+        raise click.ClickException(f"cannot start: {e}") from None
     except KeyboardInterrupt:
         pass
 
