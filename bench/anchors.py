@@ -1,20 +1,20 @@
 """bench/anchors: relaymesh next to wireguard-go and Nebula, one lab, the same iperf3 settings.
 
-One lab for every row: hosts ``srv`` (coordination server, Nebula lighthouse), ``r`` (the relay
-host) and ``a`` -> ``b`` (iperf3 sender -> receiver), all directly on the lab internet, no
-impairment. "via relay" rows add an nftables drop of all UDP between a's and b's addresses (both
-families) in the internet router, so the relay is the only UDP path, and check from the tool's
-own output that it is really used; "direct" rows check that the path is direct. Each row starts
-its own processes and stops them before the next row, so rows do not share CPU with each other.
+One lab for every row: hosts ``srv`` (coordination server and DERP server, Nebula lighthouse),
+``r`` (the relay host) and ``a`` -> ``b`` (iperf3 sender -> receiver), all directly on the lab
+internet, no impairment, IPv4 underlay. Relay and DERP rows add an nftables drop of all UDP
+between a's and b's addresses in the internet router, so the relay (or DERP, over TCP) is the
+only path, and check from the tool's own output that it is really used; "direct" rows check that
+the path is direct. Each row starts its own processes and stops them before the next row.
 
 Rows are pluggable (``ROWS``): a row that cannot run here is reported as ``not available:
 <reason>``, never estimated. Rows today:
 
 =========================  ===================================================================
-relaymesh-direct           ``relaymesh control serve`` on srv + ``relaymesh daemon`` on a and b
+relaymesh-direct           control + DERP server on srv, ``relaymesh daemon`` on a and b
 relaymesh-peer-relay       not available until the node daemon runs peer relays (client + r)
 relaymesh-peer-relay-kern  same, with the relay's kernel fast path
-relaymesh-derp             not available until the node daemon's DERP integration lands
+relaymesh-derp             same tailnet, direct UDP blocked: the daemons fall back to DERP on srv
 wireguard-go-direct        Debian wireguard-go, configured with wg(8) (bench/_common.py)
 nebula-direct              Debian nebula: lighthouse on srv, a <-> b direct (bench/_nebula.py)
 nebula-relay               same, ``am_relay`` on r, ``use_relays`` on a and b, direct UDP blocked
@@ -33,20 +33,21 @@ docs/benchmarks-anchors.png (matplotlib, the ``bench`` extra) unless ``--no-docs
 
 Adding a row: a ``RowSpec`` in ``ROWS`` whose ``start(lab, tmp)`` returns a ``Running`` (the
 server's tunnel address, the pids to measure, a path check in the tool's own words, a stop).
-The relaymesh peer relay and DERP rows are already wired that way and only wait for the daemon:
-drop their ``_not_yet`` reason when it serves those paths.
+The relaymesh peer relay rows are already wired that way (policy grant, ``tag:relay`` and
+``--relay-server-port`` on r, path asserted as ``peer_relay``) and only wait for the daemon: drop
+their ``_not_yet`` reason when it serves that path (and give the kernel row its relay flag).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import importlib.util
 import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,21 +63,20 @@ from _common import ROOT, IperfResult, iperf_to, median, start_pair, stop, updat
 from _common import wait_tunnel as wg_wait_tunnel
 from relaymesh import __version__ as rm_version
 from relaymesh.lab import Lab, LabProcess, Topology
+from relaymesh.lab.grid import SERVER_HOST, MeshLab, derp_map
 
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "benchmarks-anchors.png"
 SECTION = "anchors"
 HOSTS = ("srv", "r", "a", "b")
 CLIENT, SERVER = "a", "b"
-CTL_PORT = 8080
-RM_PORT = 41641  # the daemon's default UDP port
 RM_MTU = 1280  # relaymesh.node.engine.TUN_MTU (the daemon's TUN, see docs/node.md)
 WG_MTU = 1420  # bench/_common.py configures wireguard-go with wg-quick's default
 BASELINE = "wireguard-go-direct"
 ALLOW_ALL = {"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}
 # The policy the peer relay rows need: everyone reaches everyone, r (tag:relay) relays for all.
 RELAY_POLICY = {
-    "tagOwners": {"tag:relay": ["bench@"]},
+    "tagOwners": {"tag:relay": ["alice@"]},  # MeshLab's user
     "acls": ALLOW_ALL["acls"],
     "grants": [{"src": ["autogroup:member"], "dst": ["tag:relay"],
                 "app": {"relaymesh.dev/cap/relay": [{}]}}],
@@ -162,101 +162,68 @@ def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-# -- relaymesh (control server + daemons) ---------------------------------------------------------
-class Tailnet:
-    """A control server on srv and daemons on ``nodes``; the CLI talks to each daemon's unix
-    socket from the root namespace (unix sockets are not per network namespace)."""
-
-    def __init__(self, lab: Lab, root: Path, nodes: tuple[str, ...], policy: object) -> None:
-        self.lab, self.root, self.nodes = lab, root, nodes
-        self.ctl_state = root / "ctl"
-        self.policy = root / "policy.hujson"
-        self.policy.write_text(json.dumps(policy, indent=2) + "\n")
-        self.procs: dict[str, LabProcess] = {}
-
-    def _run(self, args: list[str]) -> str:
-        cp = subprocess.run([sys.executable, "-m", "relaymesh", *args], capture_output=True,
-                            text=True, timeout=30, check=False)
-        if cp.returncode != 0:
-            raise RuntimeError(f"relaymesh {' '.join(args)}: {cp.stderr.strip()}")
-        return cp.stdout
-
-    def cli(self, node: str, *args: str) -> str:
-        return self._run([*args, "--socket", str(self.root / f"{node}.sock")])
-
-    def admin(self, *args: str) -> str:
-        return self._run(["control", "--socket", str(self.ctl_state / "admin.sock"), *args])
-
-    def start(self, up_args: dict[str, list[str]]) -> None:
-        ctl = self.lab.spawn("srv", [
-            "relaymesh", "control", "serve", "--state-dir", str(self.ctl_state),
-            "--listen", f"0.0.0.0:{CTL_PORT}", "--policy", str(self.policy)], name="control")
-        self.procs["srv"] = ctl
-        until(lambda: (self.ctl_state / "admin.sock").exists()
-              and "node API on" in ctl.output(), 20, "the control server")
-        self.admin("users", "create", "bench")
-        key = json.loads(self.admin("preauthkeys", "create", "-u", "bench", "--reusable",
-                                    "-o", "json"))["key"]
-        url = f"http://{self.lab.address('srv')}:{CTL_PORT}"
-        for n in self.nodes:
-            p = self.lab.spawn(n, [
-                "relaymesh", "daemon", "--state-dir", str(self.root / f"{n}-state"),
-                "--socket", str(self.root / f"{n}.sock"), "--tun", "rm0",
-                "--port", str(RM_PORT)], name="daemon")
-            self.procs[n] = p
-            until(functools.partial(_started, p), 20, f"daemon {n}")
-            if not p.alive:
-                raise RuntimeError(f"daemon {n} exited: {p.output()[-800:]}")
-            self.cli(n, "up", "--login-server", url, "--auth-key", str(key), "--hostname", n,
-                     *up_args.get(n, []))
-
-    def peer(self, node: str, peer: str) -> dict[str, object]:
-        st = json.loads(self.cli(node, "status", "--json"))
-        return next((dict(p) for p in st["peers"] if p["name"] == peer), {})
-
-    def ipv4(self, node: str) -> str:
-        return self.cli(node, "ip", "-4").strip()
-
-    def stop(self) -> None:
-        for p in reversed(list(self.procs.values())):
-            if p.alive:
-                p.stop()
-
-
-def _started(p: LabProcess) -> bool:
-    return "listening on" in p.output() or not p.alive
+# -- relaymesh (control server, DERP server, daemons: relaymesh.lab.grid.MeshLab) -----------------
+def _stop_mesh(m: MeshLab) -> None:
+    for p in [*m.daemons.values(), *([m.ctl] if m.ctl else []), *m.derps.values()]:
+        if p.alive:
+            p.stop()
 
 
 def start_relaymesh(expect: str, relay_args: list[str] | None = None
                     ) -> Callable[[Lab, Path], Running]:
-    """A relaymesh row: a and b (and r with ``relay_args`` for the peer relay rows) join a fresh
-    tailnet; the row runs once a's status shows b on the ``expect`` path."""
+    """A relaymesh row: control + DERP server on srv, daemons on a and b (and on r, tagged
+    ``tag:relay`` with ``relay_args``, for the peer relay rows); the row runs once a's status
+    shows b on the ``expect`` path. CPU "r" is the process that relays: r's daemon, or the DERP
+    server for the DERP row."""
 
     def start(lab: Lab, tmp: Path) -> Running:
-        nodes = (CLIENT, SERVER) + (("r",) if relay_args is not None else ())
-        up = {"r": ["--advertise-tags", "tag:relay", *relay_args]} if relay_args else {}
-        tn = Tailnet(lab, tmp, nodes, RELAY_POLICY if relay_args is not None else ALLOW_ALL)
+        m = MeshLab(lab, tmp)
         try:
-            tn.start(up)
-            ip = tn.ipv4(SERVER)
+            m.start_derp("1a")
+            m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST))])]))
+            if relay_args is not None:
+                assert m.ctl is not None
+                (tmp / "policy.hujson").write_text(json.dumps(RELAY_POLICY) + "\n")
+                os.kill(m.ctl.pid, signal.SIGHUP)  # `ip netns exec` execs: the pid is the server
+                m.start_daemon("r")
+                until(lambda: m.cli("r", "up", "--login-server", m.url, "--auth-key",
+                                    m.auth_key, "--hostname", "r", "--advertise-tags",
+                                    "tag:relay", *relay_args, check=False).returncode == 0,
+                      10, "r up as tag:relay (after the policy reload)")
+            m.start_nodes([CLIENT, SERVER])
+            ip = m.ipv4(SERVER)
             try:
-                until(lambda: tn.peer(CLIENT, SERVER).get("path") == expect, 30,
+                until(lambda: m.path(CLIENT, SERVER) == expect, 30,
                       f"a's status to show b on path {expect}")
             except RuntimeError as e:
-                raise RuntimeError(f"{e}; b in a's status: {tn.peer(CLIENT, SERVER)}") from None
+                raise RuntimeError(f"{e}; b in a's status: {m.peer(CLIENT, SERVER)}") from None
             wait_connect(lab, CLIENT, ip, 30)
         except BaseException:
-            tn.stop()
+            _stop_mesh(m)
             raise
 
         def check() -> tuple[str, str]:
-            p = tn.peer(CLIENT, SERVER)
-            return str(p.get("path")), f"`relaymesh status`: path {p.get('path')} " \
-                                       f"endpoint {p.get('endpoint')}"
+            p = m.peer(CLIENT, SERVER) or {}
+            where = p.get("endpoint") if p.get("path") == "direct" else p.get("via")
+            return str(p.get("path")), f"`relaymesh status`: path {p.get('path')} via {where}"
 
-        return Running(ip, {n: tn.procs[n].pid for n in nodes}, RM_MTU, check, tn.stop, tn)
+        pids = {"a": m.daemons[CLIENT].pid, "b": m.daemons[SERVER].pid}
+        if relay_args is not None:
+            pids["r"] = m.daemons["r"].pid
+        elif expect == "derp":
+            pids["r"] = m.derps["1a"].pid
+        return Running(ip, pids, RM_MTU, check, lambda: _stop_mesh(m), m)
 
     return start
+
+
+def ipv4_underlay(lab: Lab) -> None:
+    """Remove the global IPv6 underlay addresses of a, b and r, as relaymesh.lab.grid does for
+    its nodes, so that every row crosses the same IPv4 underlay (wireguard-go and Nebula are
+    configured with IPv4 addresses; relaymesh would otherwise be free to pick IPv6)."""
+    for h in (CLIENT, SERVER, "r"):
+        lab.exec(h, ["ip", "-6", "addr", "flush", "scope", "global"])
+        lab.exec(h, ["ip", "-6", "route", "flush", "default"], check=False)
 
 
 def wait_connect(lab: Lab, host: str, ip: str, timeout: float) -> None:
@@ -335,8 +302,7 @@ ROWS: list[RowSpec] = [
             _not_yet("needs the daemon's peer relays (above) with the relay's nftables fast path"),
             via="r"),
     RowSpec("relaymesh-derp", "relaymesh via DERP", "derp", True, start_relaymesh("derp"),
-            _not_yet("DERP is being integrated into the node daemon (in progress); the daemon "
-                     "has no DERP path yet"), via="srv"),
+            via="srv"),
     RowSpec(BASELINE, "wireguard-go direct", "direct", False, start_wireguard_go),
     RowSpec("nebula-direct", "Nebula direct", "direct", False, start_nebula(False),
             _nebula.unavailable),
@@ -389,7 +355,7 @@ def run_row(lab: Lab, spec: RowSpec, seconds: float, runs: int,
                              f"the runs, iperf3 carried {carried:.0f} MB")
         if res.path != spec.expect:
             res.reason = f"failed: path is {res.path}, expected {spec.expect} ({res.evidence})"
-    except (RuntimeError, subprocess.SubprocessError) as e:
+    except (RuntimeError, AssertionError, subprocess.SubprocessError) as e:
         res.reason = f"failed: {str(e).splitlines()[0][:300]}"
     finally:
         if server is not None:
@@ -518,13 +484,15 @@ def doc_body(results: list[RowResult], args: argparse.Namespace, cmd: str, text:
         f"- iperf3 TCP a -> b through the tunnel, {args.seconds:g} s x {args.runs} runs per row, "
         f"median; runs {order}.\n"
         "- One lab for every row: srv (coordination server, Nebula lighthouse), r (relay) and "
-        "a, b, all on the lab internet without impairment; for the relay rows all UDP between "
-        "a and b (IPv4 and IPv6) is dropped in the internet router, and each row's path is "
-        "checked from the tool's own output (below).\n"
+        "a, b, all on the lab internet without impairment; for the relay and DERP rows all UDP "
+        "between a and b is dropped in the internet router, and each row's path is checked "
+        "from the tool's own output (below). relaymesh rows run the coordination server and a "
+        "DERP server on srv (relaymesh.lab.grid.MeshLab); \"CPU relay\" is the relaying "
+        "process (Nebula's relay on r, relaymesh's DERP server on srv, r's daemon).\n"
         "- Each tool with its own tunnel MTU (column MTU): relaymesh's daemon 1280, "
         f"wireguard-go 1420 (wg-quick's default), Nebula {_nebula.NEBULA_MTU} (its default); "
-        f"Nebula {nebula_buf}. wireguard-go and Nebula are given b's IPv4 address; relaymesh's "
-        "daemon chooses its underlay family itself (its path check shows the endpoint).\n"
+        f"Nebula {nebula_buf}. IPv4 underlay for every row (the hosts' global IPv6 addresses "
+        "are removed).\n"
         "- CPU: % of one core over the run (utime+stime of the tunnel process from /proc); "
         "\"machine busy\": all cores over the run, including other engineers' work on this "
         "shared machine. Load average (1/5/15 min) before the run "
@@ -592,6 +560,7 @@ def main() -> int:
         topo.add_host(h)
     results = [RowResult(k, by_key[k].label) for k in keys]
     with Lab(topo, state_dir=None) as lab:
+        ipv4_underlay(lab)
         if args.sequential:
             for res in results:
                 print(res.label, flush=True)

@@ -88,6 +88,7 @@ def nebula_lab(lab_factory: object) -> Lab:
     if reason is not None:
         pytest.skip(reason)
     lab: Lab = lab_factory(_topology())  # type: ignore[operator]
+    anchors.ipv4_underlay(lab)  # as the benchmark does
     return lab
 
 
@@ -162,6 +163,10 @@ def test_every_row_has_a_unique_key_and_the_baseline_is_wireguard_go() -> None:
     assert anchors.BASELINE in keys
     # the rows, in order: relaymesh (direct, peer relay x2, DERP), wireguard-go, Nebula x2
     assert [k.split("-")[0] for k in keys] == ["relaymesh"] * 4 + ["wireguard"] + ["nebula"] * 2
+    # every row that goes through a third host blocks the direct path and names that host
+    for r in anchors.ROWS:
+        assert r.block_direct == (r.expect != "direct"), r.key
+        assert (r.via is not None) == r.block_direct, r.key
 
 
 def test_table_ratios_are_to_wireguard_go_direct_and_medians_of_the_runs() -> None:
