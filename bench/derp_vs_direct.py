@@ -72,8 +72,8 @@ def render(results: dict[str, list[IperfResult]], args: argparse.Namespace) -> s
     lines = [
         "## DERP vs direct (relaymesh daemons, lab)",
         "",
-        f"`bench/derp_vs_direct.py --seconds {args.seconds:g} --rounds {args.rounds}`, "
-        f"{stamp}. A and B behind easy NATs, control + DERP server on the lab internet; iperf3",
+        f"`bench/derp_vs_direct.py --seconds {args.seconds:g} --rounds {args.rounds}`, {stamp}.",
+        "A and B behind easy NATs, control + DERP server on the lab internet; iperf3",
         "TCP A -> B through the tunnel, the same pair on its direct path and forced onto DERP",
         "(`relaymesh set --path-policy PEER=no-direct` on both sides), rounds interleaved,",
         "median shown. CPU: share of one core per process during the runs (2 shared vCPUs:",
@@ -98,11 +98,11 @@ def render(results: dict[str, list[IperfResult]], args: argparse.Namespace) -> s
     d, r = results["direct"], results["derp"]
     if d and r:
         ratio = median([x.mbit_s for x in r]) / max(median([x.mbit_s for x in d]), 1e-9)
-        lines += ["", f"DERP carries {ratio:.0%} of the direct throughput here. Over DERP each "
-                  "packet also crosses two TCP connections and the DERP server's asyncio loop "
-                  "(frame decode, queue, frame encode), and the daemons hand packets between the "
-                  "datapath thread and their event loop (DerpOutbox / inject) instead of one "
-                  "sendto/recv: more CPU per packet on every box, on the same two cores."]
+        lines += ["", f"DERP carries {ratio:.0%} of the direct throughput here. No process is "
+                  "CPU-saturated on the DERP path (see the CPU columns), so the limit is not "
+                  "raw per-packet cost; likely suspects are TCP-in-TCP (the tunnel's TCP inside "
+                  "the DERP TCP connections) and the extra event-loop hop in both daemons "
+                  "(DerpOutbox out, inject in). Not profiled yet."]
     return "\n".join(lines) + "\n"
 
 
