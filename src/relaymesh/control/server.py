@@ -180,7 +180,8 @@ class ControlServer:
         self._stopping = False
         self._gc_frozen_at = GC_FREEZE_MIN_NODES
         self._last_flush_end = 0.0
-        self.last_flush_s = 0.0  # CPU time of the last fan-out (recompile + deltas), for /health
+        self.last_flush_s = 0.0  # wall time of the last fan-out (recompile + deltas)
+        self.last_flush_cpu_s = 0.0  # its CPU time (differs from wall when the host is busy)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -379,9 +380,10 @@ class ControlServer:
     def _flush(self) -> None:
         self._flush_handle = None
         if self.state is not None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self.state.flush(self.clock())
             self.last_flush_s = time.perf_counter() - t0
+            self.last_flush_cpu_s = time.process_time() - c0
             self._last_flush_end = time.monotonic()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -483,6 +485,7 @@ class ControlServer:
                 "flushes": hot.flushes,
                 "messages": hot.messages,
                 "last_flush_s": self.last_flush_s,
+                "last_flush_cpu_s": self.last_flush_cpu_s,
             }
         )
 
