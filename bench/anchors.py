@@ -435,20 +435,24 @@ def draw_chart(results: list[RowResult], path: Path, subtitle: str) -> None:
                "#718096" if r.key.startswith("wireguard") else "#dd6b20" for r in results]
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(results) + 1.6), dpi=110)
     ys = list(range(len(results)))[::-1]
-    ax.barh(ys, vals, color=colours)
-    top = max([*vals, 1.0])
+    # whiskers: the lowest and highest run around the median (the shared machine's spread)
+    lo = [r.mbit - min(x.mbit_s for x in r.runs) if r.runs else 0.0 for r in results]
+    hi = [max(x.mbit_s for x in r.runs) - r.mbit if r.runs else 0.0 for r in results]
+    ax.barh(ys, vals, color=colours, xerr=[lo, hi], ecolor="#4a5568", capsize=3)
+    top = max([*(v + h for v, h in zip(vals, hi, strict=True)), 1.0])
     base = next((r.mbit for r in results if r.key == BASELINE and r.runs), None)
     for y, r in zip(ys, results, strict=True):
         if r.runs:
             ratio = f"  ({r.mbit / base:.2f}x wg-go)" if base else ""
-            ax.text(r.mbit + top * 0.01, y, f"{r.mbit:.0f}{ratio}", va="center", fontsize=8)
+            ax.text(max(x.mbit_s for x in r.runs) + top * 0.015, y, f"{r.mbit:.0f}{ratio}",
+                    va="center", fontsize=8)
         else:
             ax.text(top * 0.01, y, "not available" if r.reason and r.reason.startswith(
                 "not available") else "failed", va="center", fontsize=8, color="#a0aec0",
                 style="italic")
     ax.set_yticks(ys, labels, fontsize=9)
     ax.set_xlim(0, top * 1.3)
-    ax.set_xlabel("iperf3 TCP a -> b through the tunnel, Mbit/s (median)")
+    ax.set_xlabel("iperf3 TCP a -> b through the tunnel, Mbit/s (median; whiskers: min-max run)")
     ax.set_title("relaymesh vs wireguard-go vs Nebula (bench/anchors.py)\n" + subtitle,
                  fontsize=9)
     fig.tight_layout()
