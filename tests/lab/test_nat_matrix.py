@@ -86,7 +86,7 @@ def test_nat_matrix_cell(mesh: MeshLab, cell: int) -> None:
         via = str((mesh.peer(src, dst) or {}).get("via"))
         assert via.startswith("direct " if want == "direct" else "derp(1)"), via
     ping = mesh.cli(a, "ping", "-c", "1", b).stdout
-    assert (f"via {'direct ' if want == 'direct' else 'derp(1)'}") in ping, ping
+    assert (f"via {'direct(' if want == 'direct' else 'derp(1)'}") in ping, ping
     again = mesh.echo(a, b, deadline=10)
     assert again["ok"], again
 

@@ -26,8 +26,8 @@ def command(peer: str, count: int, timeout: float, socket_path: str) -> None:
             click.echo(res["error"])
             continue
         ok += 1
-        via = res.get("via") or f"{res['path']}({res['detail']})"
-        click.echo(f"pong from {res['peer']} ({res['ip']}) via {via} "
+        # direct(ip:port) or derp(region): the path and where it goes, one token
+        click.echo(f"pong from {res['peer']} ({res['ip']}) via {res['path']}({res['detail']}) "
                    f"in {res['latency_ms']:.1f} ms")
     if ok == 0:
         raise Fail(f"no pong from {peer}")

@@ -623,9 +623,12 @@ class Backend:
         self._send(self.disco.set_peers(peers, now))
         self._apply_path_policies()
         if self.engine is not None:
+            kwargs: dict[str, Any] = {"initiate_new": self._engine_fresh}
+            if hasattr(self.engine, "set_route"):
+                kwargs["routes"] = {n.node_key.raw: self._route_for(n, now) for n in peers}
             self.engine.set_peers(
                 [(n.node_key, n.host_routes(), self._endpoint_for(n, now)) for n in peers],
-                initiate_new=self._engine_fresh,
+                **kwargs,
             )
             self._engine_fresh = False
             self._reconcile_endpoints()

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -156,8 +156,12 @@ class Engine:
         peers: Iterable[tuple[NodeKey, list[str], tuple[str, int] | None]],
         *,
         initiate_new: bool = False,
+        routes: Mapping[bytes, tuple[tuple[str, int] | None, int]] | None = None,
     ) -> None:
         """Make the device's peers exactly these (node key, allowed IPs, endpoint).
+
+        ``routes`` (node key raw -> (direct, DERP region)) sets each peer's route before any
+        handshake is started; without one a peer with no route yet goes to ``endpoint``.
 
         ``initiate_new`` starts a handshake with each added peer at once. A freshly started
         engine does this: a peer that still holds a session from our previous run would keep
@@ -186,12 +190,15 @@ class Engine:
             return out
 
         # routes first (outside the lock: set_route takes it), so a new peer's first handshake
-        # already has somewhere to go
+        # already goes where the disco layer says (DERP for a peer not reached directly yet)
         for raw, (_, ep) in wanted.items():
             pe = self._eps.get(raw)
             if pe is None:
                 pe = self._eps[raw] = PeerEndpoint(raw)
-            if ep is not None and pe.direct is None and not pe.derp_region:
+            route = routes.get(raw) if routes is not None else None
+            if route is not None and (route[0] is not None or route[1]):
+                dp.set_route(pe, route[0], route[1])
+            elif ep is not None and pe.direct is None and not pe.derp_region:
                 dp.set_route(pe, ep, 0)
         transmits = self.datapath.call(lambda d, now: apply(self.device, now))
         if transmits:
