@@ -13,6 +13,7 @@ Expectations are :func:`relaymesh.lab.grid.expected_path`, the same as the lab m
 
 from __future__ import annotations
 
+import pathlib
 import random
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import pytest
 
 from relaymesh.disco import is_disco
 from relaymesh.keys import NodeKey, PrivateKey
-from relaymesh.lab.grid import NAT_KINDS, expected_path
+from relaymesh.lab.grid import NAT_KINDS, GridResult, expected_path, write_reports
 from relaymesh.lab.topologies import nat_pair
 from relaymesh.lab.twin import Addr, TwinNetwork
 from relaymesh.node.disco import DiscoManager, Send
@@ -223,3 +224,18 @@ def test_twin_call_me_maybe_lets_a_late_side_punch_at_once() -> None:
     run_traffic(net, a, b, 3.0)
     assert a.path() is Path.DIRECT and b.path() is Path.DIRECT
     assert a.disco.call_me_maybe_received >= 1
+
+
+def test_grid_report_tables_every_pair_and_marks_surprises(tmp_path: pathlib.Path) -> None:
+    """relaymesh lab grid's writer (the lab run itself is docs/nat-grid.md's evidence)."""
+    rs = [GridResult("easy", "easy", "direct", "direct", "direct 1.2.3.4:5", True, "direct"),
+          GridResult("easy", "hard", "direct", "derp", "-", True, "derp"),
+          GridResult("hard", "hard", "derp", "derp", "derp(1)", False, "derp")]
+    md, page = tmp_path / "g.md", tmp_path / "g.html"
+    write_reports(rs, md, page, "relaymesh lab grid --kinds easy,hard")
+    text = md.read_text()
+    assert "| **easy** | direct | direct/derp * |" in text
+    assert "| **hard** | direct/derp * | derp (no echo!) |" in text
+    html = page.read_text()
+    assert '<td class="direct">direct</td>' in html and '<td class="mixed">' in html
+    assert "relaymesh lab grid --kinds easy,hard" in html
