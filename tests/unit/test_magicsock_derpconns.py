@@ -102,3 +102,22 @@ async def test_pinned_server_and_map_changes(servers: list[int]) -> None:
         assert n.conns.url(9) is None
     finally:
         await n.conns.close()
+
+
+async def test_server_key_from_the_map_is_pinned() -> None:
+    srv = DerpServer(PrivateKey.generate())
+    _, port = await srv.start("127.0.0.1", 0)
+    good, bad = Node(), Node()
+    try:
+        for n, key in ((good, srv.key), (bad, PrivateKey.generate().node_public())):
+            r = region(1, port)
+            r["nodes"][0]["server_key"] = key.to_text()
+            n.conns.set_map({"regions": [r]})
+            n.conns.set_home(1)
+        await until(lambda: good.conns.connected(1))
+        await asyncio.sleep(0.3)  # several dial attempts for the impostor check
+        assert not bad.conns.connected(1)
+    finally:
+        await good.conns.close()
+        await bad.conns.close()
+        await srv.close(restarting=False)

@@ -9,7 +9,8 @@ silence. Each connection is a :class:`~relaymesh.derp.client.DerpClient` supervi
 redials with backoff (so a restarted DERP server is back within its 2 s backoff cap).
 
 Which server of a region: ``pinned`` (the daemon's ``--derp-node NAME``, for operations and for the
-meshed-servers test) if it names one of the region's nodes, else the region's first node.
+meshed-servers test) if it names one of the region's nodes, else the region's first node. A map
+node's ``server_key`` is pinned (the client refuses a server that proves another key).
 """
 
 from __future__ import annotations
@@ -76,16 +77,19 @@ class DerpConns:
             self._last_used[old] = self._clock()  # becomes a foreign connection; idles out
         log.info("DERP home region %d (%s)", region, self.url(region))
 
-    def url(self, region: int) -> str | None:
+    def node(self, region: int) -> Mapping[str, Any] | None:
+        """The DERP map node (server) this node uses in ``region``."""
         r = self.regions().get(region)
         if r is None:
             return None
-        nodes = list(r.get("nodes") or [])
+        nodes: list[Mapping[str, Any]] = list(r.get("nodes") or [])
         if not nodes:
             return None
-        chosen = next((n for n in nodes if self.pinned and n.get("name") == self.pinned),
-                      nodes[0])
-        return node_url(chosen)
+        return next((n for n in nodes if self.pinned and n.get("name") == self.pinned), nodes[0])
+
+    def url(self, region: int) -> str | None:
+        n = self.node(region)
+        return node_url(n) if n is not None else None
 
     def connected(self, region: int) -> bool:
         c = self._conns.get(region)
@@ -122,15 +126,20 @@ class DerpConns:
         c = self._conns.get(region)
         if c is not None:
             return c
-        url = self.url(region)
-        if url is None:
+        node = self.node(region)
+        if node is None:
             return None
 
         def on_packet(src: NodeKey, pkt: bytes, region: int = region) -> None:
             self.received += 1
             self._on_packet(region, src, pkt)
 
-        c = DerpClient(url, self._private, on_packet=on_packet, preferred=region == self.home)
+        try:  # pins the server key when the map gives one
+            c = DerpClient.for_map_node(node, self._private, on_packet=on_packet,
+                                        preferred=region == self.home)
+        except (KeyError_, ValueError) as e:
+            log.warning("DERP region %d: bad map node %r: %s", region, node.get("name"), e)
+            return None
         c.start()
         self._conns[region] = c
         self._last_used[region] = self._clock()
