@@ -26,8 +26,9 @@ def command(peer: str, count: int, timeout: float, socket_path: str) -> None:
             click.echo(res["error"])
             continue
         ok += 1
-        # direct(ip:port) or derp(region): the path and where it goes, one token
-        click.echo(f"pong from {res['peer']} ({res['ip']}) via {res['path']}({res['detail']}) "
+        # direct(ip:port), derp(region) or peer-relay(NAME ip:port session N): path and where
+        path = "peer-relay" if res["path"] == "peer_relay" else res["path"]
+        click.echo(f"pong from {res['peer']} ({res['ip']}) via {path}({res['detail']}) "
                    f"in {res['latency_ms']:.1f} ms")
     if ok == 0:
         raise Fail(f"no pong from {peer}")

@@ -14,10 +14,10 @@ PATH_POLICIES = ("auto", "no-direct", "no-relay")
 @click.command("set")
 @click.option("--hostname", help="Node name to report ('' = the host name).")
 @click.option("--relay-server-port", metavar="N|''",
-              help="Run a peer relay on UDP port N (0 = any), '' = off. Stored; the relay "
-                   "itself lands with the peer-relay issue.")
+              help="Run a peer relay on UDP port N (0 = any free port), '' = off.")
 @click.option("--relay-server-static-endpoints", metavar="IP:PORT,...",
-              help="Extra relay endpoints to advertise ('' = none).")
+              help="Extra relay endpoints to advertise, e.g. behind a 1:1 NAT or a load "
+                   "balancer ('' = none).")
 @click.option("--path-policy", "path_policy", multiple=True, metavar="PEER=POLICY",
               help="Per-peer path policy: auto, no-direct or no-relay (repeatable).")
 @click.option("--advertise-tags", metavar="TAGS", help="Comma-separated tags for the next up.")

@@ -16,7 +16,7 @@ UP_TIMEOUT = 30.0  # s: registration plus waiting for the first network map
 @click.option("--advertise-tags", metavar="TAGS",
               help="Comma-separated tags to request, e.g. tag:relay,tag:web.")
 @click.option("--relay-server-port", type=click.IntRange(0, 65535),
-              help="Stored for peer relays (next issue); 0 = any free port.")
+              help="Run a peer relay on this UDP port (0 = any free port).")
 @socket_option
 def command(login_server: str | None, auth_key: str | None, hostname: str | None,
             advertise_tags: str | None, relay_server_port: int | None, socket_path: str) -> None:

@@ -219,8 +219,25 @@ class PeerPaths:
         """Record a candidate that was not usable (e.g. relay not authorized) for ``debug path``."""
         self._excluded[description] = reason
 
+    def unexclude(self, description: str) -> None:
+        """Forget an exclusion (the candidate became usable, e.g. a new policy grant)."""
+        self._excluded.pop(description, None)
+
     def candidates(self) -> list[Candidate]:
         return list(self._paths)
+
+    def is_trusted(self, cand: Candidate, now: float) -> bool:
+        """Whether ``cand`` is known and answered its pings recently enough to carry data."""
+        st = self._paths.get(cand)
+        return st is not None and st.trusted(now)
+
+    def probe(self, cand: Candidate, now: float) -> list[Action]:
+        """Ping one known candidate now (a relay path that was just bound, or whose peer just
+        pinged us through it); nothing if it is unknown or the policy forbids it."""
+        st = self._paths.get(cand)
+        if st is None or not self._allowed(cand):
+            return []
+        return [self._ping(st, now)]
 
     def _replace_kind(self, kind: Path, keep: set[Candidate]) -> None:
         for c in [c for c in self._paths if c.kind is kind and c not in keep]:

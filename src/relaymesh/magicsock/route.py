@@ -1,4 +1,5 @@
-"""Outbound path per peer in the datapath: direct UDP, DERP, or both (mirrored while suspect).
+"""Outbound path per peer in the datapath: direct UDP, peer relay, DERP, or a UDP path and DERP
+(mirrored while suspect).
 
 The WireGuard core treats endpoints as opaque hashables. The node gives every peer ONE stable
 :class:`PeerEndpoint` object as its endpoint (and turns the core's roaming off, so it stays), and
@@ -11,6 +12,13 @@ datapath send code; the only extra work per packet is the ``type(endpoint) is Pe
 check in :meth:`MeshDatapath._sockaddr`. With DERP routes present each transmit is looked at once:
 DERP copies go to a :class:`DerpOutbox` (a bounded hand-off to the asyncio thread that owns the
 DERP client: ``call_soon_threadsafe`` once per burst, not per packet; a full box drops and counts).
+
+Peer relay: the endpoint also carries ``relay_hdr`` (the 8-byte relay header of the session, or
+None). With it, ``sa`` is the relay's ip:port and every WireGuard datagram to the peer leaves as
+``relay_hdr + datagram``. Like DERP, only batches sent while some peer is on a relay
+(``relay_routes != 0``) are looked at; the direct-only hot path is unchanged. Inbound relay-framed
+WireGuard is unwrapped by the node's device wrapper (``node.engine.TrackingDevice``), which maps
+(relay ip:port, session id) to the peer's ``PeerEndpoint``.
 
 Inbound from DERP: :meth:`MeshDatapath.inject` runs a WireGuard datagram through the same locked
 core path as a UDP datagram (device, inbound filter, TUN write, replies through the route), with
@@ -37,18 +45,20 @@ DERP_OUTBOX_MAX = 2048  # packets waiting for the event loop; ~2.6 MB of 1280-by
 class PeerEndpoint:
     """A peer's stable endpoint key in the WireGuard device (hashed by identity)."""
 
-    __slots__ = ("derp_region", "direct", "node_key", "sa")
+    __slots__ = ("derp_region", "direct", "node_key", "relay_hdr", "sa")
 
     def __init__(self, node_key: bytes) -> None:
         self.node_key = node_key  # raw 32-byte node key: the DERP destination
         self.direct: tuple[str, int] | None = None  # (ip, port) as the disco layer names it
         self.sa: tuple[str, int] | None = None  # the socket address for sendto
         self.derp_region = 0  # != 0: also (or only) send over DERP in this region
+        self.relay_hdr: bytes | None = None  # set: ``direct`` is a relay, prepend this header
 
     def describe(self) -> str:
         parts = []
         if self.direct:
-            parts.append(f"{self.direct[0]}:{self.direct[1]}")
+            via = "relay " if self.relay_hdr else ""
+            parts.append(f"{via}{self.direct[0]}:{self.direct[1]}")
         if self.derp_region:
             parts.append(f"derp({self.derp_region})")
         return "+".join(parts) or "none"
@@ -100,6 +110,16 @@ class DerpOutbox:
             self.send(key, region, data)
 
 
+class _RelayTx:
+    """A transmit re-addressed through a peer relay: the relay header prepended."""
+
+    __slots__ = ("data", "endpoint")
+
+    def __init__(self, endpoint: Hashable, data: bytes) -> None:
+        self.endpoint = endpoint
+        self.data = data
+
+
 class MeshDatapath(Datapath):
     """The WireGuard datapath with per-peer routes (see the module docstring)."""
 
@@ -107,30 +127,43 @@ class MeshDatapath(Datapath):
         super().__init__(*args, **kwargs)
         self.outbox: DerpOutbox | None = None
         self.derp_routes = 0  # peers whose route includes DERP; 0 keeps the plain fast path
+        self.relay_routes = 0  # peers routed through a peer relay; 0 keeps the plain fast path
         self._derp_eps: set[PeerEndpoint] = set()
+        self._relay_eps: set[PeerEndpoint] = set()
         self.derp_counters: collections.Counter[str] = collections.Counter()
+        self.relay_counters: collections.Counter[str] = collections.Counter()
 
     def set_outbox(self, outbox: DerpOutbox | None) -> None:
         self.outbox = outbox
 
-    def set_route(self, ep: PeerEndpoint, direct: tuple[str, int] | None, region: int) -> bool:
-        """Point a peer's endpoint at ``direct`` and/or DERP ``region``; True if it changed."""
-        if ep.direct == direct and ep.derp_region == region:
+    def set_route(self, ep: PeerEndpoint, direct: tuple[str, int] | None, region: int,
+                  relay_hdr: bytes | None = None) -> bool:
+        """Point a peer's endpoint at ``direct`` (a relay when ``relay_hdr`` is given) and/or
+        DERP ``region``; True if it changed."""
+        if ep.direct == direct and ep.derp_region == region and ep.relay_hdr == relay_hdr:
             return False
         sa = Datapath._sockaddr(self, direct) if direct is not None else None
         with self.lock:
             ep.direct, ep.sa, ep.derp_region = direct, sa, region
+            ep.relay_hdr = relay_hdr if direct is not None else None
             if region:
                 self._derp_eps.add(ep)
             else:
                 self._derp_eps.discard(ep)
+            if ep.relay_hdr is not None:
+                self._relay_eps.add(ep)
+            else:
+                self._relay_eps.discard(ep)
             self.derp_routes = len(self._derp_eps)
+            self.relay_routes = len(self._relay_eps)
         return True
 
     def forget(self, ep: PeerEndpoint) -> None:
         with self.lock:
             self._derp_eps.discard(ep)
+            self._relay_eps.discard(ep)
             self.derp_routes = len(self._derp_eps)
+            self.relay_routes = len(self._relay_eps)
 
     def _sockaddr(self, endpoint: Hashable) -> Any:
         if type(endpoint) is PeerEndpoint:
@@ -141,20 +174,30 @@ class MeshDatapath(Datapath):
         return super()._sockaddr(endpoint)
 
     def _send_all(self, transmits: Sequence[TransmitLike], c: Counters) -> None:
-        if not self.derp_routes:
+        if not self.derp_routes and not self.relay_routes:
             super()._send_all(transmits, c)
             return
         udp: list[TransmitLike] = []
         outbox = self.outbox
         dc = self.derp_counters
+        rc = self.relay_counters
         for tx in transmits:
             ep = tx.endpoint
-            if type(ep) is PeerEndpoint and ep.derp_region:
-                if outbox is not None and outbox.put(ep.node_key, ep.derp_region, tx.data):
-                    dc["tx_packets"] += 1
-                else:
-                    dc["tx_dropped"] += 1
-                if ep.sa is None:
+            if type(ep) is PeerEndpoint:
+                if ep.derp_region:
+                    if outbox is not None and outbox.put(ep.node_key, ep.derp_region, tx.data):
+                        dc["tx_packets"] += 1
+                        dc["tx_bytes"] += len(tx.data)
+                    else:
+                        dc["tx_dropped"] += 1
+                    if ep.sa is None:
+                        continue
+                hdr = ep.relay_hdr
+                if hdr is not None:
+                    data = hdr + tx.data
+                    rc["tx_packets"] += 1
+                    rc["tx_bytes"] += len(data)
+                    udp.append(_RelayTx(ep, data))
                     continue
             udp.append(tx)
         if udp:
@@ -186,6 +229,7 @@ class MeshDatapath(Datapath):
                     c.drops["filtered"] += 1
             transmits = list(r.transmits)
         self.derp_counters["rx_packets"] += 1
+        self.derp_counters["rx_bytes"] += len(data)
         fd = self.tun.fileno()
         for p in to_tun:
             try:
@@ -200,6 +244,7 @@ class MeshDatapath(Datapath):
     def stats(self) -> dict[str, int]:
         d = super().stats()
         d.update({f"derp_{k}": v for k, v in self.derp_counters.items()})
+        d.update({f"relay_{k}": v for k, v in self.relay_counters.items()})
         if self.outbox is not None:
             d["derp_outbox_dropped"] = self.outbox.dropped
         return d

@@ -9,6 +9,9 @@ Classification by the first bytes (the formats make them disjoint)::
     disco       bytes 0-5 == disco.MAGIC ("RM" + U+1F4AC in UTF-8)
     STUN        bytes 4-7 == 0x2112A442 (RFC 5389 magic cookie), byte 0 < 4: never reaches
                 divert (netcheck, next issue)
+    relay       byte 0 == 0 and the relay header checks (relay.looks_like_relay): control packets
+                (bind challenges) and disco through a relay go to the event loop with the
+                header; relay-framed WireGuard stays on the datapath (node.engine unwraps it)
     other       dropped and counted
 
 A disco datagram is copied and posted to the event loop with ``call_soon_threadsafe`` (the
@@ -28,6 +31,7 @@ import socket
 from collections.abc import Callable, Iterable
 
 from relaymesh.disco import is_disco
+from relaymesh.relay.header import PROTO_WIREGUARD, looks_like_relay
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,15 @@ class MagicSock:
     def divert(self, data: bytes, src: tuple[str, int]) -> bool:
         """Datapath hook (inbound thread): take disco, leave everything else to WireGuard."""
         if not is_disco(data):
+            if data[:1] == b"\x00" and looks_like_relay(data):
+                if not data[1] and int.from_bytes(data[2:4], "big") == PROTO_WIREGUARD:
+                    return False  # relay-framed WireGuard: the device wrapper unwraps it
+                self.counters["relay_disco_rx"] += 1
+                try:
+                    self.loop.call_soon_threadsafe(self.on_disco, data, src)
+                except RuntimeError:
+                    self.counters["disco_rx_dropped"] += 1
+                return True
             self.counters["not_disco"] += 1
             return False
         self.counters["disco_rx"] += 1

@@ -19,12 +19,23 @@ plus the STUN mapping) and ``home_derp`` to the control server. Netcheck repeats
 ``NETCHECK_INTERVAL``. Each peer's route (direct, DERP, or both while mirroring) is recomputed
 from the disco layer on every disco event and every ``DISCO_TICK`` and pushed into the datapath
 only when it changed.
+
+Peer relays (issue 6, docs/peer-relays.md): with ``relay_server_port`` set the daemon runs a
+:class:`~relaymesh.relay.service.RelayService` on that port (in its own network namespace: it is
+the daemon's process), answers allocate requests that arrive over DERP after checking the map's
+``relay.serve_for`` for BOTH clients (itself counts as allowed: a relay serves traffic bound to
+its own node), and announces ``relay_server_port`` and ``relay_endpoints`` (interface addresses,
+the STUN-mapped address, static endpoints; refreshed with the endpoints) through
+``/api/v1/update``. Client side: the peers in ``relay.may_use`` that announce a relay port are
+the disco layer's candidate relays (and our own relay server, allocated in-process); a route
+through a relay is pushed into the datapath as (relay ip:port, relay header).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -45,12 +56,21 @@ from relaymesh.magicsock.route import DerpOutbox
 from relaymesh.magicsock.sock import MagicSock, local_endpoints
 from relaymesh.node.control import ControlClient, ControlError
 from relaymesh.node.derpconn import DerpConns
-from relaymesh.node.disco import DERP_HOST, DiscoManager, PingResult, Send
+from relaymesh.node.disco import (
+    DERP_HOST,
+    NOT_AUTHORIZED,
+    DiscoManager,
+    PingResult,
+    RelayInfo,
+    Send,
+)
 from relaymesh.node.engine import Engine, PeerStats
 from relaymesh.node.filter import InboundFilter
-from relaymesh.node.netmap import MapError, MapNode, NetMap, format_endpoint
+from relaymesh.node.netmap import MapError, MapNode, NetMap, format_endpoint, parse_endpoint
 from relaymesh.node.state import StateDir
 from relaymesh.paths import Path
+from relaymesh.relay.service import RelayService
+from relaymesh.relay.session import RelayLimits
 from relaymesh.wireguard.datapath import open_udp_socket
 
 log = logging.getLogger("relaymesh.daemon")
@@ -64,6 +84,8 @@ DEFAULT_PING_TIMEOUT = 5.0  # s, reference ping timeout
 NETCHECK_INTERVAL = 30.0  # s: re-measure DERP latency and the STUN mapping (NAT rebinding,
 #   roaming); the reference runs it every 20-26 s. One check is a few small datagrams per region.
 NETCHECK_RETRY = 5.0  # s: after a check that got no region at all (DERP down at start)
+RELAY_IDLE_ENV = "RELAYMESH_RELAY_IDLE_LIFETIME"  # s; lets test configs shorten the relay's idle
+#   lifetime (default 300 s, the reference value) to prove clients keep idle relay paths alive
 
 
 def backoff_delay(attempt: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
@@ -129,6 +151,9 @@ class Backend:
         self._next_netcheck = 0.0
         self._stun_endpoint: str | None = None
         self._reported_home = 0
+        self.relay_service: RelayService | None = None
+        self._reported_relay: tuple[int | None, list[str]] | None = None
+        self._relay_inbound: dict[Any, bytes] = {}
         if not state.state.node_id:
             self.backend_state = "NeedsLogin"
         else:
@@ -155,6 +180,7 @@ class Backend:
 
     async def close(self) -> None:
         await self._stop_session()
+        await self._stop_relay_server()
         await self._stop_engine()
         await self.derp.close()
         if self.sock is not None:
@@ -223,6 +249,7 @@ class Backend:
             log.info("tunnel %s down", self.tun_name)
 
     def _start_session(self, client: ControlClient) -> None:
+        self._sync_relay_server()
         self._client = client
         self._first_map = asyncio.Event()
         self._tasks = [
@@ -241,6 +268,129 @@ class Backend:
             await self._client.close()
             self._client = None
         self.control_connected = False
+
+    # -- peer relay server --------------------------------------------------------------------
+
+    def _sync_relay_server(self) -> None:
+        """Start, restart or stop the relay server to match ``prefs.relay_server_port``."""
+        want = self.st.prefs.relay_server_port
+        svc = self.relay_service
+        running = svc is not None and svc.running
+        if svc is not None and (want is None or (want != 0 and want != svc.port) or not running):
+            self._stop_relay_now()
+            svc = None
+        if want is None or svc is not None:
+            return
+        statics = []
+        for e in self.st.prefs.relay_server_static_endpoints:
+            with contextlib.suppress(ValueError):
+                ip, port = parse_endpoint(e)
+                statics.append((ipaddress.ip_address(ip), port))
+        limits = RelayLimits()
+        idle = os.environ.get(RELAY_IDLE_ENV)
+        if idle:
+            with contextlib.suppress(ValueError):
+                limits = dataclasses.replace(limits, idle_lifetime=max(1.0, float(idle)))
+        svc = RelayService(self.st.disco_key, self._relay_allowed, resolver=self._relay_name,
+                           limits=limits, static_endpoints=statics)
+        try:
+            port = svc.start(want)
+        except OSError as e:
+            raise APIError(500, f"cannot open relay port {want}: {e.strerror}") from None
+        self.relay_service = svc
+        self._apply_relay_candidates()
+        self.disco.on_allocate = svc.handle_allocate_packet
+        self.disco.set_local_relay(self._local_allocate)
+        log.info("peer relay: serving on UDP port %d", port)
+
+    def _stop_relay_now(self) -> None:
+        svc, self.relay_service = self.relay_service, None
+        self.disco.on_allocate = None
+        self.disco.set_local_relay(None)
+        if svc is not None:
+            svc.stop()
+            log.info("peer relay: stopped")
+
+    async def _stop_relay_server(self) -> None:
+        if self.relay_service is not None:
+            svc, self.relay_service = self.relay_service, None
+            self.disco.on_allocate = None
+            self.disco.set_local_relay(None)
+            await asyncio.to_thread(svc.stop)
+
+    def _apply_relay_candidates(self) -> None:
+        """The STUN-mapped address with the relay port joins the interface addresses (a relay
+        behind a port-preserving 1:1 NAT); statics come first (set at start)."""
+        svc = self.relay_service
+        if svc is None or svc.port is None:
+            return
+        extra = []
+        if self._stun_endpoint:
+            with contextlib.suppress(ValueError):
+                ip, _ = parse_endpoint(self._stun_endpoint)
+                extra.append((ipaddress.ip_address(ip), svc.port))
+        svc.set_candidates(extra)
+
+    def _node_by_disco(self, key: Any) -> MapNode | None:
+        for n in self.netmap.peers.values():
+            if n.disco_key == key:
+                return n
+        return None
+
+    def _relay_allowed(self, requester: Any, other: Any) -> bool:
+        """Policy for an allocation: both clients must be in ``relay.serve_for`` (node keys),
+        except this node itself, which may always be one end of its own relay's sessions."""
+        serve_for = {str(k) for k in self.netmap.relay.get("serve_for") or []}
+        me = self.st.disco_key.disco_public()
+
+        def ok(key: Any) -> bool:
+            if key == me:
+                return True
+            n = self._node_by_disco(key)
+            return n is not None and n.node_key.to_text() in serve_for
+
+        return ok(requester) and ok(other)
+
+    def _relay_name(self, key: Any) -> str | None:
+        if key == self.st.disco_key.disco_public():
+            me = self.netmap.self_node
+            return me.name if me else self.st.state.name
+        n = self._node_by_disco(key)
+        return n.name if n else None
+
+    def _local_allocate(self, peer: Any) -> Any:
+        svc = self.relay_service
+        if svc is None:
+            return None
+        res = svc.allocate(self.st.disco_key.disco_public(), peer)
+        return None if res is None else res.endpoint
+
+    def _update_relays(self) -> None:
+        """Candidate relays for the disco layer: peers announcing a relay port that the map's
+        ``relay.may_use`` lets us use; the others are shown by ``debug path`` with the reason."""
+        may_use = set()
+        for v in self.netmap.relay.get("may_use") or []:
+            with contextlib.suppress(TypeError, ValueError):
+                may_use.add(int(v))
+        usable: list[RelayInfo] = []
+        refused: dict[str, str] = {}
+        for n in self.netmap.peers.values():
+            if n.raw.get("relay_server_port") is None or n.disco_key is None:
+                continue
+            if n.id in may_use:
+                usable.append(RelayInfo(n.name, n.disco_key, n.node_key, n.home_derp))
+            else:
+                refused[n.name] = NOT_AUTHORIZED
+        me = self.netmap.self_node
+        self.disco.self_name = me.name if me else self.st.state.name or ""
+        self.disco.set_relays(usable, refused)
+
+    def _relay_fields(self) -> tuple[int | None, list[str]]:
+        svc = self.relay_service
+        if svc is None or svc.port is None:
+            return None, []
+        eps = [format_endpoint((str(ip), port)) for ip, port in svc.candidates]
+        return svc.port, eps
 
     # -- local API ------------------------------------------------------------------------------
 
@@ -293,6 +443,7 @@ class Backend:
     async def down(self) -> dict[str, Any]:
         async with self._up_lock:
             await self._stop_session()
+            await self._stop_relay_server()
             await self._stop_engine()
             await self.derp.close()
             self.st.state.want_running = False
@@ -318,7 +469,7 @@ class Backend:
             if path is Path.NONE and ep is not None:
                 via = f"direct {format_endpoint(ep)} (unconfirmed)"
             endpoint = format_endpoint(ep) if ep else None
-            if path is Path.DERP:
+            if path in (Path.DERP, Path.PEER_RELAY):
                 endpoint = via
             peers.append({
                 "id": n.id,
@@ -397,7 +548,11 @@ class Backend:
                                 "error": f"no pong from {node.name} ({ip}) within {timeout:g} s"})
                 continue
             r = next(iter(done)).result()
-            if r.addr[0] == DERP_HOST:
+            if r.path is Path.PEER_RELAY:
+                ep_s = format_endpoint(r.addr)
+                detail = f"{r.relay} {ep_s} session {r.session}"
+                via = f"peer-relay {r.relay} ({ep_s}, session {r.session})"
+            elif r.addr[0] == DERP_HOST:
                 detail, via = str(r.addr[1]), f"derp({r.addr[1]})"
             else:
                 detail = format_endpoint(r.addr)
@@ -451,6 +606,16 @@ class Backend:
                 raise APIError(400, f"unknown pref {k!r}")
         self.st.save_prefs()
         self._apply_path_policies()
+        if ("relay_server_port" in patch or "relay_server_static_endpoints" in patch) and (
+                self.engine is not None):
+            if "relay_server_static_endpoints" in patch and self.relay_service is not None:
+                await self._stop_relay_server()  # statics are fixed at start: restart
+            self._sync_relay_server()
+            if self._client is not None and self.control_connected:
+                try:
+                    await self._report_endpoints(self._client)
+                except ControlError as e:
+                    log.warning("relay server update: %s", e)
         if hostname_changed and self._client is not None and self.control_connected:
             try:
                 await self._client.update(hostname=self._hostname())
@@ -478,8 +643,22 @@ class Backend:
             for r in self.disco.report(node.id, time.monotonic())
         ]
 
-    def debug_peer_relay_sessions(self) -> list[dict[str, Any]]:
-        raise APIError(501, "not available yet: peer relays land in a later issue")
+    def debug_peer_relay_sessions(self) -> dict[str, Any]:
+        svc = self.relay_service
+        if svc is None:
+            raise APIError(409, "this node runs no peer relay "
+                           "(relaymesh set --relay-server-port N)")
+        return {"port": svc.port, "candidates": self._relay_fields()[1],
+                "sessions": [v.as_dict() for v in svc.sessions()], "metrics": svc.metrics()}
+
+    def metrics(self) -> dict[str, Any]:
+        """Per-path traffic (engine) and, on a relay, the relay server's counters."""
+        out: dict[str, Any] = {"paths": self.engine.path_stats() if self.engine is not None
+                               and hasattr(self.engine, "path_stats") else {}}
+        if self.relay_service is not None:
+            out["relay"] = self.relay_service.metrics()
+        out["disco_relay"] = dict(self.disco.relay_counters)
+        return out
 
     # -- control --------------------------------------------------------------------------------
 
@@ -513,17 +692,21 @@ class Backend:
             eps.insert(0, self._stun_endpoint)  # the public mapping first: most peers need it
         home = self.derp.home
         self._set_disco_endpoints(eps)
-        if force or eps != self._reported_endpoints or home != self._reported_home:
-            fields: dict[str, Any] = {"endpoints": eps, "hostname": self._hostname()}
+        if self.relay_service is not None:
+            await asyncio.to_thread(self._apply_relay_candidates)  # `ip addr`: off the loop
+        relay = self._relay_fields()
+        if (force or eps != self._reported_endpoints or home != self._reported_home
+                or relay != self._reported_relay):
+            fields: dict[str, Any] = {"endpoints": eps, "hostname": self._hostname(),
+                                      "relay_server_port": relay[0], "relay_endpoints": relay[1]}
             if home:
                 fields["home_derp"] = home
             await client.update(**fields)
             self._reported_endpoints = eps
             self._reported_home = home
+            self._reported_relay = relay
 
     def _set_disco_endpoints(self, eps: list[str]) -> None:
-        from relaymesh.node.netmap import parse_endpoint
-
         parsed: list[tuple[str, int]] = []
         for e in eps:
             with contextlib.suppress(ValueError):
@@ -621,6 +804,7 @@ class Backend:
         peers = list(self.netmap.peers.values())
         self._last_tx = {pid: v for pid, v in self._last_tx.items() if pid in self.netmap.peers}
         self._send(self.disco.set_peers(peers, now))
+        self._update_relays()
         self._apply_path_policies()
         if self.engine is not None:
             kwargs: dict[str, Any] = {"initiate_new": self._engine_fresh}
@@ -740,14 +924,24 @@ class Backend:
         if self.engine is None:
             return
         now = time.monotonic()
+        has_route = hasattr(self.engine, "set_route")
         for n in self.netmap.peers.values():
+            relay = self.disco.relay_route(n.id, now)
+            if relay is not None and has_route:
+                _, region = self.disco.route(n.id, now)  # DERP too while the relay is suspect
+                self.engine.set_route(n.node_key, relay[0], region, relay[1])
+                continue
             direct, region = self._route_for(n, now)
             if direct is None and not region:
                 continue
-            if hasattr(self.engine, "set_route"):
+            if has_route:
                 self.engine.set_route(n.node_key, direct, region)
             elif direct is not None:
                 self.engine.set_endpoint(n.node_key, direct)
+        inbound = self.disco.relay_inbound()
+        if inbound != self._relay_inbound and hasattr(self.engine, "set_relay_inbound"):
+            self._relay_inbound = inbound
+            self.engine.set_relay_inbound(inbound)
 
     async def _disco_loop(self) -> None:
         last_refresh = time.monotonic()

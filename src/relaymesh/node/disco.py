@@ -16,6 +16,23 @@ mapping toward each other and the first pong wins. A ping that arrives over UDP 
 did not know teaches us that address (peer-reflexive candidate). Without a DERP home (no DERP map)
 only direct paths exist and call-me-maybe is skipped (counted in ``skipped``).
 Everything malformed is dropped and counted in ``drops``.
+
+Peer relays (issue 6, client side). ``set_relays`` names the relays this node may use (peers in
+the map's ``relay.may_use`` that announce a relay port; the daemon computes it) and, for
+``debug path``, the announcing relays it may not use and why. When PeerPaths asks for relays
+(``AllocateRelays``: the best path is not a trusted direct one) we send an allocate request to
+every candidate relay at once over DERP (our own relay server, if we run one, allocates
+in-process through ``local_relay``). An allocate response (or a call-me-maybe-via from the peer)
+gives a relay endpoint: we tell the peer (call-me-maybe-via over DERP), bind to every relay
+address from our one UDP socket (bind -> challenge -> answer, :class:`~relaymesh.relay.BindClient`),
+and once answered add the path to PeerPaths as a PEER_RELAY candidate and disco-ping the peer
+through it (relay header + disco). The first pong makes it usable. A call-me-maybe-via naming a
+relay that is not ours to use is refused and shown by ``debug path`` with the reason. Disco
+through a relay is accepted only on a (relay address, session id) we bound for that peer.
+
+Relay server side: an allocate request that arrives over DERP goes to ``on_allocate`` (the
+daemon's RelayService, which checks the policy for both clients); its sealed answer goes back
+over DERP.
 """
 
 from __future__ import annotations
@@ -25,9 +42,22 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from relaymesh.disco import MAX_ENDPOINTS, CallMeMaybe, DiscoError, Ping, Pong, open_sealed, seal
+from relaymesh.disco import (
+    MAX_ENDPOINTS,
+    AllocateRequest,
+    AllocateResponse,
+    CallMeMaybe,
+    CallMeMaybeVia,
+    DiscoError,
+    Ping,
+    Pong,
+    RelayEndpoint,
+    open_sealed,
+    seal,
+)
 from relaymesh.keys import DiscoKey, NodeKey, PrivateKey
 from relaymesh.magicsock.pathsel import (
+    AllocateRelays,
     Candidate,
     PathPolicy,
     PathReport,
@@ -37,12 +67,26 @@ from relaymesh.magicsock.pathsel import (
 )
 from relaymesh.node.netmap import MapNode
 from relaymesh.paths import Path
+from relaymesh.relay.header import (
+    HEADER_LEN,
+    PROTO_DISCO,
+    PROTO_WIREGUARD,
+    HeaderError,
+    decode_header,
+    encode_header,
+)
+from relaymesh.relay.session import BindClient, BindError
 
 TXID_LEN = 12  # disco ping transaction id (codec TX_ID_LEN)
 REPROBE_MIN_INTERVAL = 1.0  # s: bounds extra probing of a peer that has no path yet
 CLI_PING_MAX = 256  # outstanding `relaymesh ping` probes kept; older ones are forgotten
 DERP_HOST = "derp"  # Send.addr / PingResult.addr host for DERP: ("derp", region id)
 UNSPECIFIED = (ipaddress.ip_address("0.0.0.0"), 0)  # a pong over DERP observed no UDP source
+MAX_BINDS = 1024  # outstanding relay binds kept; a flood of endpoints cannot grow memory
+NOT_AUTHORIZED = "not authorized: the policy grants this node no use of this relay (relay.may_use)"
+
+Addr = tuple[str, int]
+RelayKey = tuple[Addr, int]  # (relay ip:port, session id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +108,26 @@ class PingResult:
     path: Path
     addr: tuple[str, int]
     latency: float
+    relay: str = ""  # peer relay name (path peer_relay)
+    session: int = 0  # peer relay session id
+
+
+@dataclass(frozen=True, slots=True)
+class RelayInfo:
+    """A relay this node may use: reached over DERP by ``node_key`` in ``region``."""
+
+    name: str
+    disco_key: DiscoKey
+    node_key: NodeKey
+    region: int
+
+
+@dataclass
+class _Bind:
+    client: BindClient
+    peer_id: int
+    cand: Candidate
+    idle_lifetime: float
 
 
 @dataclass
@@ -97,6 +161,19 @@ class DiscoManager:
         self.skipped: collections.Counter[str] = collections.Counter()
         self.pings_answered = 0
         self.call_me_maybe_received = 0
+        # peer relays (client side)
+        self.self_name = ""
+        self.relays: dict[DiscoKey, RelayInfo] = {}
+        self.unauthorized_relays: dict[str, str] = {}  # relay name -> why we may not use it
+        self.local_relay: Callable[[DiscoKey], RelayEndpoint | None] | None = None
+        self.on_allocate: Callable[[bytes], tuple[DiscoKey, bytes] | None] | None = None
+        self._alloc_gen = 0
+        self._bind_gen = 0
+        self._pending_alloc: dict[tuple[DiscoKey, DiscoKey], int] = {}  # (relay, peer) -> gen
+        self._binds: collections.OrderedDict[RelayKey, _Bind] = collections.OrderedDict()
+        self._relay_paths: dict[RelayKey, tuple[int, Candidate]] = {}
+        self._cli_cands: dict[bytes, Candidate] = {}
+        self.relay_counters: collections.Counter[str] = collections.Counter()
 
     # -- peers ----------------------------------------------------------------------------------
 
@@ -114,7 +191,8 @@ class DiscoManager:
                 self._peers[n.id] = p
                 p.paths.derp_region = self._region_for(n)
                 p.paths.set_direct_candidates(n.endpoints)
-                out += self._actions(p, p.paths.on_send(now))  # find a path before data needs it
+                # find a path before data needs it
+                out += self._actions(p, p.paths.on_send(now), now)
             else:
                 changed = set(n.endpoints) != set(p.node.endpoints)
                 p.node = n
@@ -124,10 +202,52 @@ class DiscoManager:
                     out += self._reprobe(p, now)
         for pid in [pid for pid in self._peers if pid not in seen]:
             del self._peers[pid]
+        for k in [k for k, (pid, _) in self._relay_paths.items() if pid not in self._peers]:
+            del self._relay_paths[k]
+        for k in [k for k, b in self._binds.items() if b.peer_id not in self._peers]:
+            del self._binds[k]
+        self._apply_relay_availability()
         self._by_disco = {
             p.node.disco_key: pid for pid, p in self._peers.items() if p.node.disco_key
         }
         return out
+
+    def set_relays(self, relays: Iterable[RelayInfo], unauthorized: dict[str, str]) -> None:
+        """The relays we may use, and (for ``debug path``) those announced that we may not.
+        A relay no longer usable loses its paths at once."""
+        new = {r.disco_key: r for r in relays}
+        gone = {r.name for k, r in self.relays.items() if k not in new}
+        self.relays = new
+        self.unauthorized_relays = dict(unauthorized)
+        for name in gone:
+            self._drop_relay(name)
+        self._apply_relay_availability()
+
+    def set_local_relay(self, alloc: Callable[[DiscoKey], RelayEndpoint | None] | None) -> None:
+        """Our own relay server (in-process allocation), or None when it is off."""
+        had = self.local_relay is not None
+        self.local_relay = alloc
+        if had and alloc is None:
+            self._drop_relay(self.self_name)
+        self._apply_relay_availability()
+
+    def _drop_relay(self, name: str) -> None:
+        for k in [k for k, (_, c) in self._relay_paths.items() if c.relay == name]:
+            del self._relay_paths[k]
+        for k in [k for k, b in self._binds.items() if b.cand.relay == name]:
+            del self._binds[k]
+        for p in self._peers.values():
+            p.paths.remove_relay(name)
+
+    def _apply_relay_availability(self) -> None:
+        avail = bool(self.relays) or self.local_relay is not None
+        usable = {r.name for r in self.relays.values()}
+        for p in self._peers.values():
+            p.paths.relays_available = avail
+            for name in usable:
+                p.paths.unexclude(f"peer-relay {name}")
+            for name, why in self.unauthorized_relays.items():
+                p.paths.exclude(f"peer-relay {name}", why)
 
     def set_home_region(self, region: int) -> None:
         """Our home DERP region (from netcheck): peers whose home is unknown are reached there."""
@@ -144,12 +264,12 @@ class DiscoManager:
         p = self._peers.get(peer_id)
         if p is None:
             return []
-        return self._actions(p, p.paths.set_policy(policy, now))
+        return self._actions(p, p.paths.set_policy(policy, now), now)
 
     def note_activity(self, peer_id: int, now: float) -> list[Send]:
         """Data went to this peer: keeps heartbeats going (and probes after idle)."""
         p = self._peers.get(peer_id)
-        return self._actions(p, p.paths.on_send(now)) if p is not None else []
+        return self._actions(p, p.paths.on_send(now), now) if p is not None else []
 
     # -- I/O events -----------------------------------------------------------------------------
 
@@ -158,6 +278,8 @@ class DiscoManager:
     ) -> tuple[list[Send], list[PingResult]]:
         """One disco datagram from UDP ``src``, or over DERP (``via_derp`` = the region it came
         through; ``src`` is then ignored). Never raises."""
+        if data[:1] == b"\x00" and not via_derp:
+            return self._handle_relayed(data, src, now)
         try:
             sender, msg = open_sealed(data, self._priv)
         except DiscoError:
@@ -183,17 +305,7 @@ class DiscoManager:
             # the peer is looking for us: if we have no path to it yet, look for it too
             return [Send(seal(pong, self._priv, sender), src), *self._reprobe(peer, now)], []
         if isinstance(msg, Pong):
-            cli = self._cli_pings.pop(msg.tx_id, None)
-            if cli is not None:
-                cpid, addr, sent = cli
-                if cpid != pid:
-                    self.drops["pong_wrong_peer"] += 1
-                    return [], []
-                path = Path.DERP if addr[0] == DERP_HOST else Path.DIRECT
-                return [], [PingResult(msg.tx_id, pid, path, addr, max(0.0, now - sent))]
-            if not peer.paths.on_pong(msg.tx_id, now):
-                self.drops["unknown_pong"] += 1
-            return [], []
+            return self._on_pong(peer, pid, msg, now)
         if isinstance(msg, CallMeMaybe):
             # the peer is pinging these endpoints of ours right now: ping it back on each of its
             # endpoints so both NATs open toward each other at the same time
@@ -202,13 +314,241 @@ class DiscoManager:
                     peer.paths.add_direct_candidate((str(ip), port))
             self.call_me_maybe_received += 1
             return self._reprobe(peer, now, force=True), []
+        if isinstance(msg, AllocateRequest) and via_derp:
+            return self._serve_allocate(data, peer, via_derp), []
+        if isinstance(msg, AllocateResponse) and via_derp:
+            return self._on_allocate_response(sender, msg, now), []
+        if isinstance(msg, CallMeMaybeVia) and via_derp:
+            return self._on_call_me_maybe_via(peer, sender, msg.endpoint, now), []
         self.drops[f"unhandled_{type(msg).__name__}"] += 1
         return [], []
+
+    def _on_pong(self, peer: _Peer, pid: int, msg: Pong,
+                 now: float) -> tuple[list[Send], list[PingResult]]:
+        cli = self._cli_pings.pop(msg.tx_id, None)
+        if cli is not None:
+            cpid, addr, sent = cli
+            cand = self._cli_cands.pop(msg.tx_id, None)
+            if cpid != pid:
+                self.drops["pong_wrong_peer"] += 1
+                return [], []
+            if cand is not None and cand.kind is Path.PEER_RELAY:
+                return [], [PingResult(msg.tx_id, pid, Path.PEER_RELAY, addr,
+                                       max(0.0, now - sent), cand.relay, cand.session)]
+            path = Path.DERP if addr[0] == DERP_HOST else Path.DIRECT
+            return [], [PingResult(msg.tx_id, pid, path, addr, max(0.0, now - sent))]
+        if not peer.paths.on_pong(msg.tx_id, now):
+            self.drops["unknown_pong"] += 1
+        return [], []
+
+    # -- peer relays ------------------------------------------------------------------------------
+
+    def _serve_allocate(self, data: bytes, peer: _Peer, region: int) -> list[Send]:
+        """We run a relay: a peer asks for a session (the relay service checks the policy)."""
+        if self.on_allocate is None:
+            self.relay_counters["allocate_no_relay_server"] += 1
+            return []
+        res = self.on_allocate(data)
+        if res is None:
+            self.relay_counters["allocate_refused"] += 1
+            return []
+        requester, sealed = res
+        if requester != peer.node.disco_key:
+            self.relay_counters["allocate_wrong_requester"] += 1
+            return []
+        self.relay_counters["allocate_answered"] += 1
+        return [Send(sealed, (DERP_HOST, region), derp=peer.node.node_key)]
+
+    def _allocate(self, p: _Peer, now: float) -> list[Send]:
+        """Ask every relay we may use, at once, for a session with this peer."""
+        disco = p.node.disco_key
+        if disco is None:
+            return []
+        out: list[Send] = []
+        for r in self.relays.values():
+            region = r.region or self.home_region
+            if not region:
+                self.relay_counters["allocate_no_derp"] += 1
+                continue
+            self._alloc_gen += 1
+            self._pending_alloc[(r.disco_key, disco)] = self._alloc_gen
+            req = AllocateRequest(self.disco_key, disco, self._alloc_gen)
+            out.append(Send(seal(req, self._priv, r.disco_key), (DERP_HOST, region),
+                            derp=r.node_key))
+            self.relay_counters["allocate_sent"] += 1
+        if self.local_relay is not None:
+            ep = self.local_relay(disco)
+            if ep is not None:
+                self.relay_counters["allocate_local"] += 1
+                out += self._use_endpoint(p, ep, self.self_name, now, tell_peer=True)
+        return out
+
+    def _on_allocate_response(self, sender: DiscoKey, msg: AllocateResponse,
+                              now: float) -> list[Send]:
+        ep = msg.endpoint
+        relay = self.relays.get(sender)
+        if relay is None or ep.server_disco != sender:
+            self.relay_counters["allocate_response_unknown_relay"] += 1
+            return []
+        c0, c1 = ep.client_discos
+        if self.disco_key not in (c0, c1):
+            self.relay_counters["allocate_response_not_ours"] += 1
+            return []
+        other = c1 if c0 == self.disco_key else c0
+        if self._pending_alloc.get((sender, other)) != msg.generation:
+            self.relay_counters["allocate_response_stale"] += 1
+            return []
+        pid = self._by_disco.get(other)
+        if pid is None:
+            self.relay_counters["allocate_response_unknown_peer"] += 1
+            return []
+        self.relay_counters["allocate_response"] += 1
+        return self._use_endpoint(self._peers[pid], ep, relay.name, now, tell_peer=True)
+
+    def _on_call_me_maybe_via(self, peer: _Peer, sender: DiscoKey, ep: RelayEndpoint,
+                              now: float) -> list[Send]:
+        """The peer allocated a relay session for us both: use it if the relay is ours to use."""
+        if sender not in ep.client_discos or self.disco_key not in ep.client_discos:
+            self.relay_counters["cmmv_not_party"] += 1
+            return []
+        relay = self.relays.get(ep.server_disco)
+        if relay is not None:
+            name = relay.name
+        elif ep.server_disco == self.disco_key and self.local_relay is not None:
+            name = self.self_name  # the peer uses our own relay server: we are one of its ends
+        else:
+            rid = self._by_disco.get(ep.server_disco)
+            name = self._peers[rid].node.name if rid is not None else ep.server_disco.short
+            self.relay_counters["cmmv_relay_not_authorized"] += 1
+            why = f"call-me-maybe-via from {peer.node.name} refused: {NOT_AUTHORIZED}"
+            peer.paths.exclude(f"peer-relay {name}", why)
+            return []
+        self.relay_counters["cmmv_received"] += 1
+        return self._use_endpoint(peer, ep, name, now, tell_peer=False)
+
+    def _use_endpoint(self, p: _Peer, ep: RelayEndpoint, name: str, now: float, *,
+                      tell_peer: bool) -> list[Send]:
+        """Tell the peer (call-me-maybe-via), bind to every relay address not working yet."""
+        out: list[Send] = []
+        disco = p.node.disco_key
+        if disco is None:
+            return out
+        if tell_peer and p.paths.derp_region:
+            out.append(Send(seal(CallMeMaybeVia(ep), self._priv, disco),
+                            (DERP_HOST, p.paths.derp_region), derp=p.node.node_key))
+        sid = ep.session_id
+        for c in p.paths.candidates():  # an older session on this relay is gone (relay restart)
+            if c.kind is Path.PEER_RELAY and c.relay == name and c.session != sid:
+                p.paths.remove_candidate(c)
+                if c.addr is not None:
+                    self._relay_paths.pop((c.addr, c.session), None)
+        idle = ep.idle_lifetime_ms / 1000.0
+        for ip, port in ep.candidates:
+            if ip.is_unspecified or not port:
+                continue
+            addr = (str(ip), port)
+            cand = Candidate(Path.PEER_RELAY, addr=addr, relay=name, session=sid)
+            if p.paths.is_trusted(cand, now):
+                continue  # working already: nothing to re-bind
+            self._bind_gen += 1
+            try:
+                client = BindClient(self._priv, ep, self._bind_gen)
+            except BindError:
+                self.relay_counters["bind_not_party"] += 1
+                return out
+            if len(self._binds) >= MAX_BINDS:
+                self._binds.popitem(last=False)
+            self._binds[(addr, sid)] = _Bind(client, p.node.id, cand, idle)
+            out.append(Send(client.bind_packet(), addr))
+            self.relay_counters["bind_sent"] += 1
+        return out
+
+    def _handle_relayed(self, data: bytes, src: Addr,
+                        now: float) -> tuple[list[Send], list[PingResult]]:
+        """A relay-framed datagram from UDP: a bind challenge, or disco from the peer."""
+        try:
+            hdr = decode_header(data)
+        except HeaderError:
+            self.drops["relay_bad_header"] += 1
+            return [], []
+        key = (src, hdr.session_id)
+        if hdr.control:
+            bind = self._binds.pop(key, None)
+            if bind is None:
+                self.drops["relay_unexpected_control"] += 1
+                return [], []
+            try:
+                answer = bind.client.handle_packet(data)
+            except BindError:
+                self.drops["relay_bad_challenge"] += 1
+                return [], []
+            p = self._peers.get(bind.peer_id)
+            if p is None:
+                return [], []
+            self._relay_paths[key] = (bind.peer_id, bind.cand)
+            p.paths.set_relay_candidate(bind.cand, idle_lifetime=bind.idle_lifetime)
+            self.relay_counters["bound"] += 1
+            # the answer binds us; the ping behind it finds the peer once it is bound too
+            return [Send(answer, src), *self._actions(p, p.paths.probe(bind.cand, now), now)], []
+        if hdr.protocol != PROTO_DISCO:
+            self.drops["relay_not_disco"] += 1
+            return [], []
+        known = self._relay_paths.get(key)
+        if known is None:
+            self.drops["relay_unknown_session"] += 1
+            return [], []
+        pid, cand = known
+        p = self._peers.get(pid)
+        if p is None:
+            self.drops["relay_unknown_session"] += 1
+            return [], []
+        try:
+            sender, msg = open_sealed(data[HEADER_LEN:], self._priv)
+        except DiscoError:
+            self.drops["bad_disco"] += 1
+            return [], []
+        if sender != p.node.disco_key:
+            self.drops["relay_wrong_sender"] += 1
+            return [], []
+        if isinstance(msg, Ping):
+            if msg.node_key != p.node.node_key:
+                self.drops["ping_node_key_mismatch"] += 1
+                return [], []
+            self.pings_answered += 1
+            pong = Pong(msg.tx_id, (ipaddress.ip_address(src[0]), src[1]))
+            out = [Send(self._relay_hdr(hdr.session_id) + seal(pong, self._priv, sender), src)]
+            if not p.paths.is_trusted(cand, now):
+                out += self._actions(p, p.paths.probe(cand, now), now)
+            return out, []
+        if isinstance(msg, Pong):
+            return self._on_pong(p, pid, msg, now)
+        self.drops[f"relay_unhandled_{type(msg).__name__}"] += 1
+        return [], []
+
+    @staticmethod
+    def _relay_hdr(session: int) -> bytes:
+        return encode_header(session, PROTO_DISCO)
+
+    def relay_route(self, peer_id: int, now: float) -> tuple[Addr, bytes] | None:
+        """When the peer's chosen path is a peer relay: (relay ip:port, the WireGuard relay
+        header to prepend)."""
+        p = self._peers.get(peer_id)
+        if p is None:
+            return None
+        for c in p.paths.route(now):
+            if c.kind is Path.PEER_RELAY and c.addr is not None:
+                return c.addr, encode_header(c.session, PROTO_WIREGUARD)
+        return None
+
+    def relay_inbound(self) -> dict[RelayKey, bytes]:
+        """Bound relay sessions -> the peer's raw node key (what inbound WireGuard may use)."""
+        return {k: self._peers[pid].node.node_key.raw for k, (pid, _) in self._relay_paths.items()
+                if pid in self._peers}
 
     def tick(self, now: float) -> list[Send]:
         out: list[Send] = []
         for p in self._peers.values():
-            out += self._actions(p, p.paths.tick(now))
+            out += self._actions(p, p.paths.tick(now), now)
         return out
 
     def cli_ping(self, peer_id: int, now: float) -> tuple[list[bytes], list[Send]]:
@@ -218,22 +558,27 @@ class DiscoManager:
         if p is None or p.node.disco_key is None:
             return [], []
         route = p.paths.route(now)
-        dests: list[tuple[str, int]] = []
-        if route and route[0].kind is Path.DIRECT and route[0].addr:
-            dests = [route[0].addr]
+        dests: list[tuple[tuple[str, int], Candidate | None]] = []
+        if route and route[0].kind in (Path.DIRECT, Path.PEER_RELAY) and route[0].addr:
+            dests = [(route[0].addr, route[0])]
         elif route and route[0].kind is Path.DERP:
-            dests = [(DERP_HOST, route[0].region)]
+            dests = [((DERP_HOST, route[0].region), None)]
         else:
-            dests = [c.addr for c in p.paths.candidates() if c.kind is Path.DIRECT and c.addr]
+            dests = [(c.addr, c) for c in p.paths.candidates()
+                     if c.kind is Path.DIRECT and c.addr]
         txids: list[bytes] = []
         out: list[Send] = []
-        for addr in dests:
+        for addr, cand in dests:
             txid = self._rand(TXID_LEN)
             if len(self._cli_pings) >= CLI_PING_MAX:
-                self._cli_pings.popitem(last=False)
+                old, _ = self._cli_pings.popitem(last=False)
+                self._cli_cands.pop(old, None)
             self._cli_pings[txid] = (peer_id, addr, now)
             txids.append(txid)
             data = self._seal_ping(txid, p.node.disco_key)
+            if cand is not None and cand.kind is Path.PEER_RELAY:
+                self._cli_cands[txid] = cand
+                data = self._relay_hdr(cand.session) + data
             derp = p.node.node_key if addr[0] == DERP_HOST else None
             out.append(Send(data, addr, derp=derp))
         return txids, out
@@ -241,6 +586,7 @@ class DiscoManager:
     def forget_pings(self, txids: Iterable[bytes]) -> None:
         for t in txids:
             self._cli_pings.pop(t, None)
+            self._cli_cands.pop(t, None)
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -301,22 +647,28 @@ class DiscoManager:
         if (p.paths.best is not None and not force) or now - p.last_reprobe < REPROBE_MIN_INTERVAL:
             return []
         p.last_reprobe = now
-        return self._actions(p, p.paths.reprobe_now(now))
+        return self._actions(p, p.paths.reprobe_now(now), now)
 
     def _seal_ping(self, txid: bytes, to: DiscoKey) -> bytes:
         return seal(Ping(txid, self.node_key), self._priv, to)
 
-    def _actions(self, p: _Peer, actions: Iterable[object]) -> list[Send]:
+    def _actions(self, p: _Peer, actions: Iterable[object], now: float) -> list[Send]:
         out: list[Send] = []
         disco = p.node.disco_key
         for a in actions:
             if isinstance(a, SendPing) and a.cand.kind is Path.DIRECT and a.cand.addr:
                 if disco is not None:
                     out.append(Send(self._seal_ping(a.txid, disco), a.cand.addr))
+            elif isinstance(a, SendPing) and a.cand.kind is Path.PEER_RELAY and a.cand.addr:
+                if disco is not None:
+                    data = self._relay_hdr(a.cand.session) + self._seal_ping(a.txid, disco)
+                    out.append(Send(data, a.cand.addr))
+            elif isinstance(a, AllocateRelays):
+                out += self._allocate(p, now)
             elif isinstance(a, SendCallMeMaybe) and p.paths.derp_region and disco is not None:
                 eps = tuple((ipaddress.ip_address(ip), port) for ip, port in self.endpoints)
                 data = seal(CallMeMaybe(eps), self._priv, disco)
                 out.append(Send(data, (DERP_HOST, p.paths.derp_region), derp=p.node.node_key))
             else:
-                self.skipped[type(a).__name__] += 1  # no DERP for call-me-maybe; relays: later
+                self.skipped[type(a).__name__] += 1  # no DERP for call-me-maybe
         return out

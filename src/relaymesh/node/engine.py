@@ -26,6 +26,8 @@ from typing import Any, Protocol
 from relaymesh.keys import NodeKey, PrivateKey
 from relaymesh.magicsock.route import DerpOutbox, MeshDatapath, PeerEndpoint
 from relaymesh.node.filter import InboundFilter
+from relaymesh.relay.header import HEADER_LEN as RELAY_HEADER_LEN
+from relaymesh.relay.header import PROTO_WIREGUARD, looks_like_relay
 from relaymesh.stun import is_stun
 from relaymesh.wireguard.device import Device, Received, Transmit
 from relaymesh.wireguard.tun import TunLike
@@ -56,7 +58,12 @@ class TrackingDevice:
     """Device wrapper: notes each outbound packet's flow (for replies) before encrypting it, and
     takes STUN answers off the inbound path (a binding response starts with 0x01 like a
     WireGuard initiation, so the datapath's divert hook never sees it; WireGuard's bytes 1-3
-    are zero, STUN's byte 1 is not, so one byte test per datagram tells them apart)."""
+    are zero, STUN's byte 1 is not, so one byte test per datagram tells them apart).
+
+    Peer relay: a relay-framed WireGuard datagram (byte 0 is 0; the divert hook left it to us)
+    is unwrapped here: (relay ip:port, session id) must be a relay session the disco layer bound
+    for a peer (``relay_in``), the peer's stable ``PeerEndpoint`` becomes the source, and the
+    decrypted sender must be that same peer; anything else is dropped and counted."""
 
     def __init__(self, inner: Device, flt: InboundFilter, clock: Callable[[], float],
                  on_stun: Callable[[bytes, Any], None] | None = None) -> None:
@@ -64,18 +71,47 @@ class TrackingDevice:
         self.flt = flt
         self.clock = clock
         self.on_stun = on_stun
+        # (relay (ip, port), session id) -> the peer's endpoint; replaced whole (atomic swap)
+        self.relay_in: dict[tuple[tuple[str, int], int], PeerEndpoint] = {}
+        self.relay_rx_packets = 0
+        self.relay_rx_bytes = 0
+        self.relay_drops: dict[str, int] = {}
 
     def send_packet(self, ip_packet: bytes, now: float) -> list[Transmit]:
         self.flt.note_outbound(ip_packet, now)
         return self.inner.send_packet(ip_packet, now)
 
     def receive(self, datagram: memoryview, source: Any, now: float) -> Received:
+        if datagram[0] == 0:
+            return self._receive_relayed(datagram, source, now)
         if datagram[1] and self.on_stun is not None:
             data = bytes(datagram)
             if is_stun(data):
                 self.on_stun(data, source)
                 return Received([], [], None)
         return self.inner.receive(datagram, source, now)
+
+    def _drop(self, reason: str) -> Received:
+        self.relay_drops[reason] = self.relay_drops.get(reason, 0) + 1
+        return Received([], [], None)
+
+    def _receive_relayed(self, datagram: memoryview, source: Any, now: float) -> Received:
+        if len(datagram) <= RELAY_HEADER_LEN or not looks_like_relay(datagram):
+            return self._drop("not_relay")
+        if datagram[1] or int.from_bytes(datagram[2:4], "big") != PROTO_WIREGUARD:
+            return self._drop("relay_not_wireguard")  # control/disco went to divert
+        sid = int.from_bytes(datagram[4:7], "big")
+        pe = self.relay_in.get((source, sid))
+        if pe is None:
+            return self._drop("relay_unknown_session")
+        inner = datagram[RELAY_HEADER_LEN:]
+        r = self.inner.receive(inner, pe, now)
+        peer = r.peer
+        if peer is not None and peer.public_key != pe.node_key:
+            return self._drop("relay_wrong_peer")  # the session belongs to another peer
+        self.relay_rx_packets += 1
+        self.relay_rx_bytes += len(datagram)
+        return r
 
     def tick(self, now: float) -> list[Transmit]:
         return self.inner.tick(now)
@@ -118,8 +154,9 @@ class Engine:
             mtu=TUN_MTU,
             roaming=False,
         )
+        self.tracking = TrackingDevice(self.device, flt, clock, on_stun)
         self.datapath = MeshDatapath(
-            TrackingDevice(self.device, flt, clock, on_stun),
+            self.tracking,
             tun,
             sock,
             clock=clock,
@@ -208,13 +245,41 @@ class Engine:
         """Send to the peer directly at ``ep`` only (no DERP)."""
         self.set_route(key, ep, 0)
 
-    def set_route(self, key: NodeKey, direct: tuple[str, int] | None, derp_region: int) -> bool:
-        """Where packets to the peer go: ``direct`` (ip, port) and/or DERP ``derp_region``
-        (both while mirroring). True if the route changed."""
+    def set_route(self, key: NodeKey, direct: tuple[str, int] | None, derp_region: int,
+                  relay_hdr: bytes | None = None) -> bool:
+        """Where packets to the peer go: ``direct`` (ip, port; a peer relay when ``relay_hdr``
+        is given) and/or DERP ``derp_region`` (both while mirroring). True if it changed."""
         pe = self._eps.get(key.raw)
         if pe is None:
             return False
-        return self.datapath.set_route(pe, direct, derp_region)
+        return self.datapath.set_route(pe, direct, derp_region, relay_hdr)
+
+    def set_relay_inbound(self, sessions: Mapping[tuple[tuple[str, int], int], bytes]) -> None:
+        """Relay sessions bound for peers: (relay (ip, port), session id) -> peer node key.
+        Inbound relay-framed WireGuard from anything else is dropped (counted)."""
+        table = {k: pe for k, raw in sessions.items() if (pe := self._eps.get(raw)) is not None}
+        self.tracking.relay_in = table  # one reference swap: the datapath thread reads it
+
+    def path_stats(self) -> dict[str, int]:
+        """Packets/bytes in and out per path (direct, peer_relay, derp) for metrics. Direct is
+        the UDP socket total minus relay traffic (it includes disco and STUN)."""
+        d = self.datapath.stats()
+        t = self.tracking
+        rtx_p, rtx_b = d.get("relay_tx_packets", 0), d.get("relay_tx_bytes", 0)
+        return {
+            "direct_tx_packets": max(0, d.get("udp_tx_packets", 0) - rtx_p),
+            "direct_tx_bytes": max(0, d.get("udp_tx_bytes", 0) - rtx_b),
+            "direct_rx_packets": max(0, d.get("udp_rx_packets", 0) - t.relay_rx_packets),
+            "direct_rx_bytes": max(0, d.get("udp_rx_bytes", 0) - t.relay_rx_bytes),
+            "peer_relay_tx_packets": rtx_p,
+            "peer_relay_tx_bytes": rtx_b,
+            "peer_relay_rx_packets": t.relay_rx_packets,
+            "peer_relay_rx_bytes": t.relay_rx_bytes,
+            "derp_tx_packets": d.get("derp_tx_packets", 0),
+            "derp_tx_bytes": d.get("derp_tx_bytes", 0),
+            "derp_rx_packets": d.get("derp_rx_packets", 0),
+            "derp_rx_bytes": d.get("derp_rx_bytes", 0),
+        }
 
     def peer_endpoint(self, raw: bytes) -> PeerEndpoint | None:
         """The stable endpoint object of a peer (the source of its DERP-injected datagrams)."""
@@ -251,6 +316,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         d = self.datapath.stats()
         d.update({f"filter_drop_{k}": v for k, v in self.flt.drops.items()})
+        d.update({f"relay_drop_{k}": v for k, v in self.tracking.relay_drops.items()})
         return d
 
     def stop(self) -> None:

@@ -45,7 +45,9 @@ class LocalBackend(Protocol):
 
     def debug_path(self, peer: str) -> list[dict[str, Any]]: ...
 
-    def debug_peer_relay_sessions(self) -> list[dict[str, Any]]: ...
+    def debug_peer_relay_sessions(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> dict[str, Any]: ...
 
 
 def _err(status: int, message: str) -> web.Response:
@@ -154,6 +156,9 @@ def make_app(backend: LocalBackend) -> web.Application:
     async def relay_sessions(request: web.Request) -> web.Response:
         return web.json_response(backend.debug_peer_relay_sessions())
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.json_response(backend.metrics())
+
     r.add_post("/local/v1/up", up)
     r.add_post("/local/v1/down", down)
     r.add_get("/local/v1/status", status)
@@ -164,6 +169,7 @@ def make_app(backend: LocalBackend) -> web.Application:
     r.add_get("/local/v1/netcheck", netcheck)
     r.add_get("/local/v1/debug/path", debug_path)
     r.add_get("/local/v1/debug/peer-relay-sessions", relay_sessions)
+    r.add_get("/local/v1/metrics", metrics)
     return app
 
 

@@ -1,0 +1,190 @@
+"""Issue 6 acceptance, real processes: peer relays between relaymesh daemons in a lab.
+
+One lab for the module (relaymesh.lab.grid.MeshLab: control + DERP + STUN on ``srv``):
+
+- ``r`` on the lab internet, tag:relay, ``--relay-server-port 40000``, with a shortened relay idle
+  lifetime (``RELAYMESH_RELAY_IDLE_LIFETIME``) so test 6 can idle past it;
+- ``a`` and ``b`` (tag:client) each behind a ``hard`` NAT: the grant tag:client -> tag:relay lets
+  them use ``r``;
+- ``d`` and ``e`` (untagged, no relay grant) each behind ``hard``: no relay for them;
+- ``r3`` (tag:relay3) behind a ``firewall`` whose only inbound opening is UDP 40000, relay port
+  40000, and ``c`` (tag:client3, ``hard``) with the grant tag:client3 -> tag:relay3.
+
+The policy also allows all traffic (one ACL), so every node sees every other: the relays that a
+node may not use show up in its ``debug path`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from relaymesh.lab import Lab, Topology
+from relaymesh.lab.grid import (
+    ECHO_PORT,
+    ECHO_SERVER,
+    SERVER_HOST,
+    SINK_PORT,
+    SINK_SERVER,
+    STREAM_CLIENT,
+    WG_PORT,
+    MeshLab,
+    derp_map,
+    until,
+)
+
+pytestmark = pytest.mark.lab
+
+RELAY_PORT = 40000
+IDLE_LIFETIME = 8.0  # s: the relays' shortened idle lifetime (test 6)
+POLICY = {
+    "tagOwners": {t: ["alice@"] for t in ("tag:relay", "tag:client", "tag:relay3", "tag:client3")},
+    "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+    "grants": [
+        {"src": ["tag:client"], "dst": ["tag:relay"], "app": {"relaymesh.dev/cap/relay": [{}]}},
+        {"src": ["tag:client3"], "dst": ["tag:relay3"],
+         "app": {"relaymesh.dev/cap/relay": [{}]}},
+    ],
+}
+NODES: dict[str, tuple[str | None, str]] = {  # host -> (NAT kind or None: internet, tags)
+    "r": (None, "tag:relay"),
+    "a": ("hard", "tag:client"),
+    "b": ("hard", "tag:client"),
+    "d": ("hard", ""),
+    "e": ("hard", ""),
+    "r3": ("firewall", "tag:relay3"),
+    "c": ("hard", "tag:client3"),
+}
+RELAYS = {"r", "r3"}
+PATTERN = b"RELAYMESH-PLAINTEXT-CANARY-7f3a9c"  # what the sniffer on r must never see
+
+# Sends PATTERN-filled UDP datagrams to host:port (through the tunnel) for a while.
+CANARY_SENDER = textwrap.dedent("""
+    import socket, sys, time
+    host, port, pattern = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    end = time.monotonic() + float(sys.argv[4])
+    while time.monotonic() < end:
+        s.sendto(pattern * 20, (host, port)); time.sleep(0.02)
+""")
+
+
+def topology() -> Topology:
+    topo = Topology("peerrelay")
+    for host, (nat, _) in NODES.items():
+        if nat is None:
+            topo.add_host(host)
+        else:
+            topo.add_network(f"n{host}", nat=nat)
+            topo.add_host(host, network=f"n{host}")
+    topo.add_port_forward("nr3", "r3", RELAY_PORT)
+    topo.add_host(SERVER_HOST)
+    return topo
+
+
+def start_node(m: MeshLab, name: str) -> None:
+    _, tags = NODES[name]
+    m.lab.exec(name, ["ip", "-6", "addr", "flush", "scope", "global"])  # IPv4 underlay only
+    m.lab.exec(name, ["ip", "-6", "route", "flush", "default"], check=False)
+    m.lab.spawn(name, [sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT)], name="echo")
+    cmd = ["relaymesh", "daemon", "--state-dir", str(m.root / f"{name}-state"),
+           "--socket", m.sock(name), "--tun", "rm0", "--port", str(WG_PORT)]
+    env = {"RELAYMESH_RELAY_IDLE_LIFETIME": str(IDLE_LIFETIME)} if name in RELAYS else None
+    p = m.lab.spawn(name, cmd, name="daemon", env=env)
+    until(lambda: "listening on" in p.output() or not p.alive, 20, f"daemon {name}")
+    assert p.alive, p.output()
+    m.daemons[name] = p
+    args = ["up", "--login-server", m.url, "--auth-key", m.auth_key, "--hostname", name]
+    if tags:
+        args += ["--advertise-tags", tags]
+    if name in RELAYS:
+        args += ["--relay-server-port", str(RELAY_PORT)]
+    m.cli(name, *args)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
+    lab = Lab(topology(), state_dir=None)
+    lab.start()
+    try:
+        m = MeshLab(lab, tmp_path_factory.mktemp("peerrelay"))
+        m.start_derp("1a")
+        m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST))])]))
+        (m.root / "relay-policy.json").write_text(json.dumps(POLICY))
+        m.admin("policy", "set", "-f", str(m.root / "relay-policy.json"))
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            for f in [ex.submit(start_node, m, n) for n in NODES]:
+                f.result()
+        yield m
+    finally:
+        lab.close()
+        leaks = lab.leaks()
+        if leaks:
+            pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request: pytest.FixtureRequest, mesh: MeshLab) -> None:
+    key = getattr(sys.modules.get("conftest"), "_LABS_KEY", None)
+    if key is not None:
+        request.node.stash[key] = [mesh.lab]
+
+
+def relay_sessions(m: MeshLab, relay: str) -> dict[str, Any]:
+    return dict(json.loads(m.cli(relay, "debug", "peer-relay-sessions", "--json").stdout))
+
+
+def metrics(m: MeshLab, name: str) -> dict[str, Any]:
+    out = subprocess.run(["curl", "-s", "--unix-socket", m.sock(name),
+                          "http://local/local/v1/metrics"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout
+    return dict(json.loads(out))
+
+
+def on_relay(m: MeshLab, a: str, b: str, relay: str, timeout: float = 25.0) -> None:
+    """Traffic between a and b until both see each other on peer_relay via ``relay``."""
+    def both() -> bool:
+        m.echo(a, b, deadline=2, each=1)
+        pa, pb = m.peer(a, b) or {}, m.peer(b, a) or {}
+        return all(p.get("path") == "peer_relay" and str(p.get("via", "")).startswith(
+            f"peer-relay {relay} (") for p in (pa, pb))
+    until(both, timeout, f"{a}<->{b} on peer_relay via {relay}", step=0.5)
+
+
+def test_hard_hard_uses_the_peer_relay_and_all_views_agree(mesh: MeshLab) -> None:
+    """Acceptance 1: a<->b behind hard NATs use r; status, ping and r's session list agree;
+    100 MB cross the relay with the sender's sha256."""
+    on_relay(mesh, "a", "b", "r")
+    via = str(mesh.peer("a", "b")["via"])  # type: ignore[index]
+    session = int(via.rsplit("session ", 1)[1].rstrip(")"))
+    relay_addr = via.split("(", 1)[1].split(",", 1)[0]
+    assert relay_addr == f"{mesh.lab.address('r')}:{RELAY_PORT}", via
+    ping = mesh.cli("a", "ping", "-c", "1", "b").stdout
+    assert f"via peer-relay(r {relay_addr} session {session})" in ping, ping
+    sessions = relay_sessions(mesh, "r")["sessions"]
+    mine = [s for s in sessions if s["session_id"] == session]
+    assert mine and sorted(mine[0]["names"]) == ["a", "b"] and mine[0]["state"] == "bound", sessions
+    # 100 MB through the relay, hashed on both ends
+    sink = mesh.lab.spawn("b", [sys.executable, "-c", SINK_SERVER, str(SINK_PORT)], name="sink")
+    sink.wait_for("ready", 10)
+    total = 100 << 20
+    stream = mesh.lab.spawn("a", [sys.executable, "-c", STREAM_CLIENT, mesh.ipv4("b"),
+                                  str(SINK_PORT), str(total), "0.01"], name="stream")
+    stream.wait(150)
+    sink.wait(30)
+    sent = json.loads(stream.output().strip().splitlines()[-1])
+    got = json.loads(sink.output().strip().splitlines()[-1])
+    assert sent["error"] is None and got["error"] is None, (sent, got)
+    assert got["bytes"] == sent["bytes"] == total
+    assert got["sha256"] == sent["sha256"]
+    assert mesh.path("a", "b") == "peer_relay"
+    after = [s for s in relay_sessions(mesh, "r")["sessions"] if s["session_id"] == session]
+    assert after and sum(after[0]["bytes"]) > total, after
