@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
 
-from relaymesh.lab import Lab, Topology
+from relaymesh.lab import Lab, LabFactory, Topology
 
-LabFactory = Callable[..., Lab]
 _LABS_KEY = pytest.StashKey[list[Lab]]()
+_MODULE_LABS: dict[str, list[Lab]] = {}  # module name -> labs shared by its tests
 
 
 def _unavailable_reason() -> str | None:
@@ -64,6 +64,29 @@ def lab_factory(request: pytest.FixtureRequest) -> Iterator[LabFactory]:
         pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def module_lab_factory(request: pytest.FixtureRequest) -> Iterator[LabFactory]:
+    """Like ``lab_factory``, but the labs live for the whole module (for slow set-ups shared by
+    several tests); the leak check runs once at the end, and a failing test of the module gets
+    every host's output attached."""
+    labs = _MODULE_LABS.setdefault(request.module.__name__, [])
+
+    def make(topology: Topology, **kwargs: Any) -> Lab:
+        kwargs.setdefault("state_dir", None)
+        lab = Lab(topology, **kwargs)
+        labs.append(lab)
+        return lab.start()
+
+    yield make
+    leaks: list[str] = []
+    for lab in labs:
+        lab.close()
+        leaks += lab.leaks()
+    _MODULE_LABS.pop(request.module.__name__, None)
+    if leaks:
+        pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -72,7 +95,9 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = outcome.get_result()
     if report.when != "call" or not report.failed:
         return
-    for lab in item.stash.get(_LABS_KEY, []):
+    module = getattr(item, "module", None)
+    shared = _MODULE_LABS.get(module.__name__, []) if module is not None else []
+    for lab in [*item.stash.get(_LABS_KEY, []), *shared]:
         for host, text in sorted(lab.logs().items()):
             title = f"lab {lab.run_id} host {host}"
             report.sections.append((title, text[-20_000:] or "(no output)"))

@@ -10,12 +10,11 @@ peer sees in its network map and uses to reach it over DERP.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from relaymesh.lab import Lab
+from relaymesh.lab import LabFactory
 from relaymesh.lab.grid import SERVER_HOST, MeshLab, derp_map, pair_topology, until
 
 pytestmark = pytest.mark.lab
@@ -24,31 +23,19 @@ SLOW_MS = 40.0
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, module_lab_factory: LabFactory
+) -> Iterator[MeshLab]:
     topo = pair_topology([("udp-blocked", "easy")], extra_hosts=["srv2"], name="derphome")
     topo.set_impairment(SERVER_HOST, delay_ms=SLOW_MS)
-    lab = Lab(topo, state_dir=None)
-    lab.start()
-    try:
-        m = MeshLab(lab, tmp_path_factory.mktemp("derphome"))
-        m.start_derp("1a", SERVER_HOST)
-        m.start_derp("2a", "srv2")
-        m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST))]),
-                                  (2, [("2a", lab.address("srv2"))])]))
-        m.start_nodes(["a0", "b0"])
-        yield m
-    finally:
-        lab.close()
-        leaks = lab.leaks()
-        if leaks:
-            pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
-
-
-@pytest.fixture(autouse=True)
-def _logs_on_failure(request: pytest.FixtureRequest, mesh: MeshLab) -> None:
-    key = getattr(sys.modules.get("conftest"), "_LABS_KEY", None)
-    if key is not None:
-        request.node.stash[key] = [mesh.lab]
+    lab = module_lab_factory(topo)
+    m = MeshLab(lab, tmp_path_factory.mktemp("derphome"))
+    m.start_derp("1a", SERVER_HOST)
+    m.start_derp("2a", "srv2")
+    m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST))]),
+                              (2, [("2a", lab.address("srv2"))])]))
+    m.start_nodes(["a0", "b0"])
+    yield m
 
 
 def test_home_region_follows_latency_and_peers_reach_it_there(mesh: MeshLab) -> None:

@@ -8,13 +8,12 @@ them crosses the mesh.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from relaymesh.lab import Lab
+from relaymesh.lab import LabFactory
 from relaymesh.lab.grid import (
     DERP_PORT,
     SERVER_HOST,
@@ -34,33 +33,21 @@ def _url(mesh: MeshLab, host: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
-    lab = Lab(pair_topology([("udp-blocked", "udp-blocked")], extra_hosts=["srv2"],
-                            name="derpmesh"), state_dir=None)
-    lab.start()
-    try:
-        root = tmp_path_factory.mktemp("derpmesh")
-        m = MeshLab(lab, root)
-        key = root / "mesh.key"
-        key.write_text("lab-mesh-key-" + lab.run_id + "\n")
-        m.start_derp("1a", SERVER_HOST, mesh_with=[_url(m, "srv2")], mesh_key=key)
-        m.start_derp("1b", "srv2", mesh_with=[_url(m, SERVER_HOST)], mesh_key=key)
-        m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST)),
-                                       ("1b", lab.address("srv2"))])]))
-        m.start_nodes(["a0", "b0"], derp_node={"a0": "1a", "b0": "1b"})
-        yield m
-    finally:
-        lab.close()
-        leaks = lab.leaks()
-        if leaks:
-            pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
-
-
-@pytest.fixture(autouse=True)
-def _logs_on_failure(request: pytest.FixtureRequest, mesh: MeshLab) -> None:
-    key = getattr(sys.modules.get("conftest"), "_LABS_KEY", None)
-    if key is not None:
-        request.node.stash[key] = [mesh.lab]
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, module_lab_factory: LabFactory
+) -> Iterator[MeshLab]:
+    lab = module_lab_factory(pair_topology([("udp-blocked", "udp-blocked")], extra_hosts=["srv2"],
+                        name="derpmesh"))
+    root = tmp_path_factory.mktemp("derpmesh")
+    m = MeshLab(lab, root)
+    key = root / "mesh.key"
+    key.write_text("lab-mesh-key-" + lab.run_id + "\n")
+    m.start_derp("1a", SERVER_HOST, mesh_with=[_url(m, "srv2")], mesh_key=key)
+    m.start_derp("1b", "srv2", mesh_with=[_url(m, SERVER_HOST)], mesh_key=key)
+    m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST)),
+                                   ("1b", lab.address("srv2"))])]))
+    m.start_nodes(["a0", "b0"], derp_node={"a0": "1a", "b0": "1b"})
+    yield m
 
 
 def _server_of(mesh: MeshLab, node: str) -> str:

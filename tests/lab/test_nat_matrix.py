@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relaymesh.lab import Lab
+from relaymesh.lab import LabFactory
 from relaymesh.lab.grid import (
     SINK_PORT,
     SINK_SERVER,
@@ -53,24 +53,12 @@ SWITCH_DEADLINE = 5.0  # issue 5: direct within 5 s where direct is possible
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
-    lab = Lab(pair_topology(CELLS, name="natmatrix"), state_dir=None)
-    lab.start()
-    try:
-        yield start_mesh(lab, tmp_path_factory.mktemp("natmatrix"),
-                         [h for i in range(len(CELLS)) for h in (f"a{i}", f"b{i}")])
-    finally:
-        lab.close()
-        leaks = lab.leaks()
-        if leaks:
-            pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
-
-
-@pytest.fixture(autouse=True)
-def _logs_on_failure(request: pytest.FixtureRequest, mesh: MeshLab) -> None:
-    key = getattr(sys.modules.get("conftest"), "_LABS_KEY", None)
-    if key is not None:
-        request.node.stash[key] = [mesh.lab]
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, module_lab_factory: LabFactory
+) -> Iterator[MeshLab]:
+    lab = module_lab_factory(pair_topology(CELLS, name="natmatrix"))
+    yield start_mesh(lab, tmp_path_factory.mktemp("natmatrix"),
+                     [h for i in range(len(CELLS)) for h in (f"a{i}", f"b{i}")])
 
 
 @pytest.mark.parametrize("cell", range(SWITCH), ids=[f"{a}-{b}" for a, b in CELLS[:SWITCH]])

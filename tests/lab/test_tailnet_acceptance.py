@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relaymesh.lab import Lab, Topology
+from relaymesh.lab import LabFactory, Topology
 from relaymesh.lab.scenario import ALLOW_ALL, ECHO_PORT, ECHO_SERVER, WG_PORT, Tailnet, until
 
 pytestmark = pytest.mark.lab
@@ -23,36 +23,22 @@ pytestmark = pytest.mark.lab
 NODES = ("a", "b", "c")
 
 @pytest.fixture(scope="module")
-def tailnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tailnet]:
+def tailnet(
+    tmp_path_factory: pytest.TempPathFactory, module_lab_factory: LabFactory
+) -> Iterator[Tailnet]:
     topo = Topology("tailnet")
     for h in ("ctl", *NODES):
         topo.add_host(h)
-    lab = Lab(topo, state_dir=None)
-    lab.start()
-    try:
-        tn = Tailnet(lab, tmp_path_factory.mktemp("tailnet"))
-        tn.start_control()
-        tn.admin("users", "create", "alice")
-        key = tn.new_key("--reusable")
-        for n in NODES:
-            tn.lab.spawn(n, [sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT)], name="echo")
-            tn.start_daemon(n)
-            tn.cli(n, "up", "--login-server", tn.url, "--auth-key", key, "--hostname", n)
-        yield tn
-    finally:
-        lab.close()
-        leaks = lab.leaks()
-        if leaks:
-            pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
-
-
-@pytest.fixture(autouse=True)
-def _logs_on_failure(request: pytest.FixtureRequest, tailnet: Tailnet) -> None:
-    """Let tests/lab/conftest.py attach every host's output to a failing test's report (it
-    looks for the labs of a test in the item stash under its key)."""
-    key = getattr(sys.modules.get("conftest"), "_LABS_KEY", None)
-    if key is not None:
-        request.node.stash[key] = [tailnet.lab]
+    lab = module_lab_factory(topo)
+    tn = Tailnet(lab, tmp_path_factory.mktemp("tailnet"))
+    tn.start_control()
+    tn.admin("users", "create", "alice")
+    key = tn.new_key("--reusable")
+    for n in NODES:
+        tn.lab.spawn(n, [sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT)], name="echo")
+        tn.start_daemon(n)
+        tn.cli(n, "up", "--login-server", tn.url, "--auth-key", key, "--hostname", n)
+    yield tn
 
 
 def test_three_nodes_reach_each_other_by_address_and_name(tailnet: Tailnet) -> None:

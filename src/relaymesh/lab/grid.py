@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from relaymesh.lab.lab import Lab, LabProcess
+from relaymesh.lab.scenario import ECHO_CLIENT, until
 from relaymesh.lab.topology import Topology
 
 NAT_KINDS = ("none", "firewall", "easy", "hard", "one2one", "udp-blocked")
@@ -77,25 +78,6 @@ ECHO_SERVER = textwrap.dedent("""
         threading.Thread(target=serve, args=(c,), daemon=True).start()
 """)
 
-ECHO_CLIENT = textwrap.dedent("""
-    import json, socket, sys, time
-    host, port = sys.argv[1], int(sys.argv[2])
-    deadline, each = float(sys.argv[3]), float(sys.argv[4])
-    t0 = time.monotonic(); err = None
-    while time.monotonic() - t0 < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=each) as c:
-                c.settimeout(each)
-                c.sendall(b"hello " + host.encode())
-                data = c.recv(1024)
-            print(json.dumps({"ok": data == b"hello " + host.encode(),
-                              "elapsed": time.monotonic() - t0}))
-            sys.exit(0)
-        except OSError as e:
-            err = f"{type(e).__name__}: {e}"
-            time.sleep(0.1)
-    print(json.dumps({"ok": False, "elapsed": time.monotonic() - t0, "error": err}))
-""")
 
 # A sink that hashes everything one connection sends and prints the digest when it closes.
 SINK_SERVER = textwrap.dedent("""
@@ -150,15 +132,6 @@ def expected_path(kind_a: str, kind_b: str) -> str:
         return "direct"
     return "derp"
 
-
-def until(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.1) -> float:
-    """Poll ``pred`` until true; seconds it took. AssertionError after ``timeout``."""
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
-    return time.monotonic() - t0
 
 
 def derp_map(regions: Sequence[tuple[int, Sequence[tuple[str, str]]]]) -> dict[str, Any]:

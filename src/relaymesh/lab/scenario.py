@@ -74,12 +74,13 @@ ECHO_CLIENT = textwrap.dedent("""
 """)
 
 
-def until(pred: Callable[[], bool], timeout: float, what: str) -> float:
+def until(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.1) -> float:
+    """Poll ``pred`` until true; seconds it took. ScenarioError after ``timeout``."""
     t0 = time.monotonic()
     while not pred():
         if time.monotonic() - t0 > timeout:
             raise ScenarioError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(step)
     return time.monotonic() - t0
 
 
