@@ -2,6 +2,7 @@
 PY := .venv/bin/python
 
 .PHONY: bootstrap test test-unit test-lab lint demo bench fuzz clean
+BENCHES := wg_core_microbench wg_throughput control_fanout derp derp_vs_direct relay_forwarding anchors
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -27,8 +28,13 @@ demo: bootstrap
 fuzz: bootstrap
 	@RELAYMESH_FUZZ_EXAMPLES=200000 $(PY) -m pytest -q tests/unit -k fuzz
 
-bench: bootstrap
-	@$(PY) bench/wg_throughput.py
+# Every benchmark in turn (long: tens of minutes); each writes its section of docs/benchmarks.md.
+# One of them: `make bench-derp`, `make bench-anchors`, ...
+bench: $(addprefix bench-,$(BENCHES))
+
+bench-%: bootstrap
+	@$(PY) -m pip install -q -e '.[bench]' >/dev/null
+	@$(PY) bench/$*.py
 
 clean:
 	rm -rf .venv .mypy_cache .pytest_cache .ruff_cache
