@@ -201,9 +201,6 @@ def nat_check(run: str | None, host: str, local_port: int) -> None:
     click.echo(f"looks like {', '.join(kinds) if kinds else 'no lab kind'}")
 
 
-
-
-
 GRID_KINDS = "none,firewall,easy,hard,one2one,udp-blocked"  # relaymesh.lab.grid.NAT_KINDS
 
 
