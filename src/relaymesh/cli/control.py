@@ -24,7 +24,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from relaymesh.control.config import ConfigError, ServerConfig, parse_hostport
+from relaymesh.control.config import (
+    DERP_PORT,
+    STUN_PORT,
+    ConfigError,
+    ServerConfig,
+    parse_hostport,
+)
 
 DEFAULT_STATE_DIR = Path("/var/lib/relaymesh/control")
 ADMIN_TIMEOUT_S = 30.0
@@ -196,12 +202,24 @@ def command(
               "(API key required).")
 @click.option("--ephemeral-grace", type=float, default=None,
               help="Seconds before an offline ephemeral node is deleted (default 30).")
+@click.option("--derp-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Bearer token DERP servers present to GET /derp/v1/nodes; "
+              "created 0600 if missing (default: <state-dir>/derp-admission.token).")
+@click.option("--derp", "derp_embedded", is_flag=True,
+              help="Also run an embedded DERP+STUN server (region 900 'embedded' in the map).")
+@click.option("--derp-port", type=int, default=DERP_PORT, show_default=True,
+              help="TCP port of the embedded DERP server (on the --listen host).")
+@click.option("--stun-port", type=int, default=STUN_PORT, show_default=True,
+              help="UDP port of the embedded STUN responder.")
+@click.option("--derp-host", default=None, help="Address of the embedded DERP in the DERP map "
+              "(default: the --listen host; required when that is a wildcard).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every registration and reload.")
 def serve(
     state_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
     db_url: str | None, policy_file: Path | None, derp_map_file: Path | None,
     admin_socket: Path | None, admin_listen: str | None, ephemeral_grace: float | None,
-    verbose: bool,
+    derp_token_file: Path | None, derp_embedded: bool, derp_port: int, stun_port: int,
+    derp_host: str | None, verbose: bool,
 ) -> None:
     """Run the coordination server in the foreground (SIGHUP reloads the policy file)."""
     from relaymesh.control.server import run_server
@@ -221,7 +239,16 @@ def serve(
             derp_map_file=derp_map_file,
             admin_socket=admin_socket,
             admin_listen=None if admin_listen is None else parse_hostport(admin_listen),
+            derp_token_file=derp_token_file,
+            derp_embedded=derp_embedded,
+            derp_port=derp_port,
+            stun_port=stun_port,
+            derp_host=derp_host,
         )
+        if not (0 <= derp_port <= 65535 and 0 <= stun_port <= 65535):
+            raise ConfigError("--derp-port and --stun-port must be port numbers")
+        if derp_embedded:
+            config.embedded_derp_host()  # a wildcard --listen without --derp-host: fail now
         if ephemeral_grace is not None:
             config.ephemeral_grace = ephemeral_grace
     except ConfigError as e:
@@ -230,8 +257,13 @@ def serve(
     def ready(server: Any) -> None:
         click.echo(f"relaymesh control: node API on {server.url}, admin socket "
                    f"{config.admin_socket_path}"
-                   + (f", admin API on {server.admin_url}" if server.admin_url else ""),
+                   + (f", admin API on {server.admin_url}" if server.admin_url else "")
+                   + f", DERP admission token in {config.derp_token_path}",
                    err=True)
+        if server.derp is not None:
+            d, st = server.derp.derp_address, server.derp.stun_address
+            click.echo(f"relaymesh control: embedded DERP on port {d[1]}, STUN on udp port "
+                       f"{st[1]}, key {server.derp.key}", err=True)
 
     try:
         asyncio.run(run_server(config, ready=ready))

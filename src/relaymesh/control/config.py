@@ -15,9 +15,11 @@ from typing import Any
 __all__ = [
     "AUTH_MAX_SKEW_S",
     "COALESCE_S",
+    "DERP_PORT",
     "EPHEMERAL_GRACE_S",
     "KEEPALIVE_S",
     "STREAM_QUEUE_MAX",
+    "STUN_PORT",
     "ConfigError",
     "ServerConfig",
     "load_derp_map",
@@ -37,6 +39,10 @@ COALESCE_S = 0.02
 # A stream whose client reads slower than we produce is cut after this many queued messages; the
 # client reconnects and gets a fresh full map, which is cheaper than buffering without bound.
 STREAM_QUEUE_MAX = 256
+# `--derp` defaults: the ports a standalone `relaymesh derp serve` and the lab use (3478 is the
+# IANA STUN port; 3340 is the DERP port of the usual DERP maps).
+DERP_PORT = 3340
+STUN_PORT = 3478
 
 
 class ConfigError(ValueError):
@@ -101,6 +107,13 @@ class ServerConfig:
     # Freeze long-lived objects out of the cyclic GC after growth (see ControlServer._gc_tune).
     # Process-wide, so only `control serve` turns it on; tests running many servers leave it off.
     gc_freeze: bool = False
+    # DERP (issue 5): the bearer token shared with DERP servers for GET /derp/v1/nodes
+    # (None: <state_dir>/derp-admission.token), and the embedded DERP+STUN server of `--derp`.
+    derp_token_file: Path | None = None
+    derp_embedded: bool = False
+    derp_port: int = DERP_PORT
+    stun_port: int = STUN_PORT
+    derp_host: str | None = None  # address put in the DERP map (None: the --listen host)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -118,3 +131,17 @@ class ServerConfig:
     @property
     def api_keys_path(self) -> Path:
         return self.state_dir / "apikeys.json"
+
+    @property
+    def derp_token_path(self) -> Path:
+        return self.derp_token_file or self.state_dir / "derp-admission.token"
+
+    def embedded_derp_host(self) -> str:
+        """The host nodes dial for the embedded DERP: ``derp_host``, else a specific --listen."""
+        if self.derp_host:
+            return self.derp_host
+        host = self.listen[0]
+        if host in ("0.0.0.0", "::", ""):
+            raise ConfigError("--derp with a wildcard --listen needs --derp-host HOST (the "
+                              "address nodes reach this machine at, put in the DERP map)")
+        return host

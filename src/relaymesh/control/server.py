@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -40,6 +41,13 @@ from relaymesh.control.auth import (
     load_or_create_private_key,
 )
 from relaymesh.control.config import ConfigError, ServerConfig, load_derp_map
+from relaymesh.control.derp import (
+    EmbeddedDerp,
+    TailnetKeys,
+    embedded_region,
+    load_or_create_token,
+    merge_derp_map,
+)
 from relaymesh.control.models import NodeRecord, PreauthKeyRecord, PreauthKeyRow
 from relaymesh.control.policy import DEFAULT_POLICY_TEXT, Policy, PolicyError
 from relaymesh.control.state import HotNode, HotState, Subscription
@@ -182,6 +190,11 @@ class ControlServer:
         self._last_flush_end = 0.0
         self.last_flush_s = 0.0  # wall time of the last fan-out (recompile + deltas)
         self.last_flush_cpu_s = 0.0  # its CPU time (differs from wall when the host is busy)
+        self.derp: EmbeddedDerp | None = None  # `--derp`: the embedded DERP+STUN server
+        self.derp_keys = TailnetKeys(clock())  # what GET /derp/v1/nodes answers
+        self._derp_region: Json | None = None
+        self._derp_token = ""
+        self._derp_membership_rev = -1
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -206,6 +219,8 @@ class ControlServer:
         server_key = load_or_create_private_key(cfg.server_key_path)
         self.verifier = MachineVerifier(server_key, cfg.auth_max_skew)
         self.api_keys = ApiKeys(cfg.api_keys_path)
+        self._derp_token = load_or_create_token(cfg.derp_token_path)
+        log.info("DERP admission token (GET /derp/v1/nodes) in %s", cfg.derp_token_path)
         derp_map = load_derp_map(cfg.derp_map_file)
         file_policy = self._read_policy_file() if cfg.policy_file is not None else None
         try:
@@ -213,13 +228,54 @@ class ControlServer:
         except Exception as e:
             raise ConfigError(f"cannot open database {cfg.database_url}: {e}") from e
         try:
+            if cfg.derp_embedded:
+                await self._start_embedded_derp()
+                derp_map = merge_derp_map(derp_map, self._derp_region)
             await self._load(file_policy, derp_map)
+            self._refresh_derp_keys()
             await self._listen()
         except BaseException:
             await self.stop()
             raise
         self._housekeeper = asyncio.create_task(self._housekeeping())
         self._writer = asyncio.create_task(self._offline_writer())
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        cfg = self.config
+        if cfg.tls_cert is None and cfg.tls_key is None:
+            return None
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            raise ConfigError("--tls-cert and --tls-key go together")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        return ctx
+
+    async def _start_embedded_derp(self) -> None:
+        """`--derp`: DERP (same TLS as the node API) + STUN on the listen host, key pinned."""
+        cfg = self.config
+        advertised = cfg.embedded_derp_host()
+        ssl_ctx = self._tls_context()
+        self.derp = EmbeddedDerp(cfg.state_dir)
+        await self.derp.start(cfg.listen[0], cfg.derp_port, cfg.stun_port, ssl_ctx)
+        assert self.derp.derp_address is not None and self.derp.stun_address is not None
+        self._derp_region = embedded_region(
+            advertised, self.derp.derp_address[1], self.derp.stun_address[1],
+            tls=ssl_ctx is not None, server_key=self.derp.key)
+        log.info("embedded DERP on port %d, STUN on udp port %d, key %s",
+                 self.derp.derp_address[1], self.derp.stun_address[1], self.derp.key)
+
+    def _refresh_derp_keys(self) -> None:
+        """Recompute the admitted node keys; on a change, push them to the embedded DERP."""
+        if self.state is None:
+            return
+        now = self.clock()
+        self._derp_membership_rev = self.state.membership_rev
+        keys = (n.rec.node_key for n in self.state.nodes.values() if not n.expired(now))
+        if self.derp_keys.update(keys, now):
+            log.info("DERP admission: %d node keys, version %d", len(self.derp_keys.keys),
+                     self.derp_keys.version)
+            if self.derp is not None:
+                self.derp.admit(self.derp_keys.keys)
 
     def _read_policy_file(self) -> Policy:
         path = self.config.policy_file
@@ -273,17 +329,13 @@ class ControlServer:
                 web.get("/api/v1/map", self._h_map),
                 web.post("/api/v1/update", self._h_update),
                 web.post("/api/v1/logout", self._h_logout),
+                web.get("/derp/v1/nodes", self._h_derp_nodes),
             ]
         )
         runner = web.AppRunner(api, handler_cancellation=True, access_log=None)
         await runner.setup()
         self._runners.append(runner)
-        ssl_ctx: ssl.SSLContext | None = None
-        if cfg.tls_cert is not None or cfg.tls_key is not None:
-            if cfg.tls_cert is None or cfg.tls_key is None:
-                raise ConfigError("--tls-cert and --tls-key go together")
-            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        ssl_ctx = self._tls_context()
         host, port = cfg.listen
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx)
         await site.start()
@@ -343,6 +395,9 @@ class ControlServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.derp is not None:
+            await self.derp.close()
+            self.derp = None
         if self._writer is not None:
             # Streams just closed: let the writer store their last_seen and exit by itself
             # (cancelling it inside a database call would leave the connection half reset).
@@ -365,7 +420,14 @@ class ControlServer:
     # -- change propagation -----------------------------------------------------------------------
 
     def _changed(self) -> None:
-        """Schedule one flush for everything changed within the coalescing window."""
+        """Schedule one flush for everything changed within the coalescing window.
+
+        DERP admission is not coalesced: a membership change reaches the embedded DERP server
+        (and the next ``GET /derp/v1/nodes``) at once, so a node may use DERP as soon as its
+        registration is answered, and a deleted one is cut without waiting for the flush.
+        """
+        if self.state is not None and self.state.membership_rev != self._derp_membership_rev:
+            self._refresh_derp_keys()
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
             # Under a stream of changes (a registration storm: the last flush ended less than
@@ -488,6 +550,16 @@ class ControlServer:
                 "last_flush_cpu_s": self.last_flush_cpu_s,
             }
         )
+
+    async def _h_derp_nodes(self, request: web.Request) -> web.Response:
+        """control-protocol.md §4: the node keys DERP servers admit (bearer token)."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self._derp_token.encode()
+        ):
+            raise ApiError(401, "DERP admission needs the bearer token of --derp-token-file")
+        self._refresh_derp_keys()  # exact even inside the coalescing window or between sweeps
+        return web.json_response(self.derp_keys.json())
 
     async def _h_register(self, request: web.Request) -> web.Response:
         machine = self._machine(request)
@@ -785,7 +857,8 @@ class ControlServer:
         cfg = self.config
         if cfg.derp_map_file is not None:
             try:
-                self.hot.set_derp_map(load_derp_map(cfg.derp_map_file))
+                self.hot.set_derp_map(
+                    merge_derp_map(load_derp_map(cfg.derp_map_file), self._derp_region))
                 self._changed()
             except ConfigError as e:
                 log.error("DERP map not reloaded: %s", e)

@@ -105,6 +105,9 @@ class HotState:
         self._logout: dict[NodeId, str] = {}
         self._recompile = True
         self._derp_changed = False
+        # Bumped when a node joins, leaves, expires or changes key/tags: the server recomputes
+        # the DERP admission set only then (not on every endpoint update).
+        self.membership_rev = 0
         self.compiled: CompiledPolicy = policy.compile([])
         self.compiles = 0  # counters for tests and the benchmark
         self.flushes = 0
@@ -131,6 +134,7 @@ class HotState:
         node.bump()
         self._changed.add(rec.id)
         self._recompile = self._recompile or recompile
+        self.membership_rev += int(recompile)
         return node
 
     def touch(self, node_id: NodeId, **live: Any) -> HotNode:
@@ -159,11 +163,13 @@ class HotState:
         self._changed.discard(node_id)
         self._logout[node_id] = reason
         self._recompile = True
+        self.membership_rev += 1
 
     def expire(self, node_id: NodeId, reason: str = "node key expired") -> None:
         """The node's key has expired: log its streams out and drop it from everyone's peers."""
         self._logout[node_id] = reason
         self._recompile = True
+        self.membership_rev += 1
 
     def set_policy(self, policy: Policy, version: int) -> None:
         self.policy = policy
