@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,6 +63,7 @@ NODES: dict[str, tuple[str | None, str]] = {  # host -> (NAT kind or None: inter
     "c": ("hard", "tag:client3"),
 }
 RELAYS = {"r", "r3"}
+METRICS = "127.0.0.1:9100"  # each daemon's Prometheus endpoint, inside its own namespace
 PATTERN = b"RELAYMESH-PLAINTEXT-CANARY-7f3a9c"  # what the sniffer on r must never see
 
 # Sends PATTERN-filled UDP datagrams to host:port (through the tunnel) for a while.
@@ -94,7 +96,8 @@ def start_node(m: MeshLab, name: str) -> None:
     m.lab.exec(name, ["ip", "-6", "route", "flush", "default"], check=False)
     m.lab.spawn(name, [sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT)], name="echo")
     cmd = ["relaymesh", "daemon", "--state-dir", str(m.root / f"{name}-state"),
-           "--socket", m.sock(name), "--tun", "rm0", "--port", str(WG_PORT)]
+           "--socket", m.sock(name), "--tun", "rm0", "--port", str(WG_PORT),
+           "--metrics-listen", METRICS]
     env = {"RELAYMESH_RELAY_IDLE_LIFETIME": str(IDLE_LIFETIME)} if name in RELAYS else None
     p = m.lab.spawn(name, cmd, name="daemon", env=env)
     until(lambda: "listening on" in p.output() or not p.alive, 20, f"daemon {name}")
@@ -188,3 +191,117 @@ def test_hard_hard_uses_the_peer_relay_and_all_views_agree(mesh: MeshLab) -> Non
     assert mesh.path("a", "b") == "peer_relay"
     after = [s for s in relay_sessions(mesh, "r")["sessions"] if s["session_id"] == session]
     assert after and sum(after[0]["bytes"]) > total, after
+    # Prometheus: a sent the 100 MB on the peer_relay path; r counts what it forwarded
+    prom = {}
+    for host in ("a", "r"):
+        text = mesh.lab.exec(host, ["curl", "-s", f"http://{METRICS}/metrics"]).stdout
+        prom[host] = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+                      for ln in text.splitlines() if ln and not ln.startswith("#")}
+    assert prom["a"]['relaymesh_path_bytes_total{path="peer_relay",direction="out"}'] > total
+    assert prom["r"]["relaymesh_relay_forwarded_bytes_total"] > total
+
+
+def test_without_a_grant_the_pair_stays_on_derp_and_debug_path_says_why(mesh: MeshLab) -> None:
+    """Acceptance 2: d and e (no relay grant, both hard) talk over DERP; `debug path` lists the
+    relays r and r3 as not authorized."""
+    first = mesh.echo("d", "e", deadline=15)
+    assert first["ok"], first
+    time.sleep(3.0)  # a relay would have been found by now (allocation is immediate)
+    assert mesh.path("d", "e") == "derp" and mesh.path("e", "d") == "derp"
+    rows = json.loads(mesh.cli("d", "debug", "path", "e", "--json").stdout)
+    relay_rows = {r["candidate"]: r for r in rows if r["kind"] == "peer_relay"}
+    assert set(relay_rows) == {"peer-relay r", "peer-relay r3"}, rows
+    for r in relay_rows.values():
+        assert r["state"] == "unavailable" and "not authorized" in r["reason"], r
+    text = mesh.cli("d", "debug", "path", "e").stdout
+    assert "peer-relay r " in text and "not authorized" in text, text
+
+
+def test_relay_behind_a_firewall_serves_traffic_bound_to_itself(mesh: MeshLab) -> None:
+    """Acceptance 3: r3's firewall opens only UDP 40000; c (hard) reaches r3 through r3's own
+    relay port, and r3's session list shows c and r3 as the two ends."""
+    on_relay(mesh, "c", "r3", "r3")
+    via = str(mesh.peer("c", "r3")["via"])  # type: ignore[index]
+    assert f"({mesh.lab.address('r3')}:{RELAY_PORT}," in via, via
+    session = int(via.rsplit("session ", 1)[1].rstrip(")"))
+    sessions = relay_sessions(mesh, "r3")["sessions"]
+    mine = [s for s in sessions if s["session_id"] == session]
+    assert mine and sorted(mine[0]["names"]) == ["c", "r3"], sessions
+    assert all(p > 0 for p in mine[0]["packets"]), mine
+
+
+def test_refused_allocation_is_counted_and_the_relay_sees_no_plaintext(mesh: MeshLab) -> None:
+    """Acceptance 7: a (granted) asks r for a session with d (not granted): r refuses and
+    counts it; a sniffer on r's relay port sees a's relayed traffic to b but never the
+    plaintext pattern sent through the tunnel."""
+    mesh.echo("a", "d", deadline=10)  # a<->d is DERP: a tries its relay for d
+    until(lambda: relay_sessions(mesh, "r")["metrics"]["drops"].get("not_allowed", 0) > 0, 15,
+          "r counts the refused allocation")
+    assert mesh.path("a", "d") == "derp"
+    assert all(sorted(s["names"]) != ["a", "d"] for s in relay_sessions(mesh, "r")["sessions"])
+    on_relay(mesh, "a", "b", "r")
+    pcap = mesh.root / "r-relay.pcap"
+    sniff = mesh.lab.spawn("r", ["tcpdump", "-i", "any", "-U", "-n", "-w", str(pcap), "udp",
+                                 "port", str(RELAY_PORT)], name="tcpdump")
+    until(lambda: pcap.exists() and "listening on" in sniff.output(), 10, "tcpdump start")
+    mesh.lab.exec("a", [sys.executable, "-c", CANARY_SENDER, mesh.ipv4("b"), "9999",
+                        PATTERN.decode(), "2.0"], timeout=20)
+    time.sleep(0.5)
+    sniff.terminate()
+    sniff.wait(10)
+    data = pcap.read_bytes()
+    assert len(data) > 100 * 700, f"the sniffer saw too little relay traffic: {len(data)} B"
+    assert PATTERN not in data and PATTERN[:16] not in data
+
+
+def test_idle_path_outlives_the_relay_idle_lifetime(mesh: MeshLab) -> None:
+    """Acceptance 6: a<->b idle past the heartbeat window (45 s) and the relay's shortened idle
+    lifetime; the next packets go through the relay, none over DERP."""
+    on_relay(mesh, "a", "b", "r")
+    via = str((mesh.peer("a", "b") or {}).get("via"))
+    session = int(via.rsplit("session ", 1)[1].rstrip(")"))
+    time.sleep(45.0 + IDLE_LIFETIME + 3.0)
+    before = metrics(mesh, "a")["paths"]
+    assert mesh.echo("a", "b", deadline=5)["ok"]
+    after = metrics(mesh, "a")["paths"]
+    assert after["derp_tx_packets"] == before["derp_tx_packets"], (before, after)
+    assert after["peer_relay_tx_packets"] > before["peer_relay_tx_packets"]
+    live = [s for s in relay_sessions(mesh, "r")["sessions"] if s["session_id"] == session]
+    assert live and live[0]["state"] == "bound", "the relay session expired while idle"
+
+
+def test_relay_death_moves_to_derp_and_back_without_a_reset(mesh: MeshLab) -> None:
+    """Acceptance 4: r killed during a TCP stream a->b: packets go over DERP within 3 s, the
+    stream ends intact (sha256, no reset); r restarted: peer_relay again within 60 s."""
+    on_relay(mesh, "a", "b", "r")
+    sink = mesh.lab.spawn("b", [sys.executable, "-c", SINK_SERVER, str(SINK_PORT + 1)],
+                          name="sink2")
+    sink.wait_for("ready", 10)
+    total, seconds = 4 << 20, 10.0
+    stream = mesh.lab.spawn("a", [sys.executable, "-c", STREAM_CLIENT, mesh.ipv4("b"),
+                                  str(SINK_PORT + 1), str(total), str(seconds)], name="stream2")
+    time.sleep(2.0)
+    derp0 = metrics(mesh, "a")["paths"]["derp_tx_packets"]
+    mesh.daemons["r"].kill()
+    t0 = time.monotonic()
+    # the route (what the datapath sends on) includes DERP: mirrored while the relay is suspect
+    until(lambda: "derp(1)" in (mesh.peer("a", "b") or {}).get("route", []), 3.0,
+          "a's route to b includes DERP", step=0.1)
+    assert time.monotonic() - t0 <= 3.0
+    # and packets really went that way (TCP retransmits after its backoff)
+    until(lambda: metrics(mesh, "a")["paths"]["derp_tx_packets"] > derp0 + 10, 5.0,
+          "a's packets to b over DERP", step=0.2)
+    stream.wait(60)
+    sink.wait(30)
+    sent = json.loads(stream.output().strip().splitlines()[-1])
+    got = json.loads(sink.output().strip().splitlines()[-1])
+    assert sent["error"] is None and got["error"] is None, (sent, got)
+    assert got["sha256"] == sent["sha256"] and got["bytes"] == total
+    cmd = ["relaymesh", "daemon", "--state-dir", str(mesh.root / "r-state"),
+           "--socket", mesh.sock("r"), "--tun", "rm0", "--port", str(WG_PORT),
+           "--metrics-listen", METRICS]
+    p = mesh.lab.spawn("r", cmd, name="daemon-restarted",
+                       env={"RELAYMESH_RELAY_IDLE_LIFETIME": str(IDLE_LIFETIME)})
+    until(lambda: "peer relay: serving" in p.output() or not p.alive, 20, "r's relay back")
+    mesh.daemons["r"] = p
+    on_relay(mesh, "a", "b", "r", timeout=60.0)

@@ -25,9 +25,11 @@ from relaymesh.wireguard.tun import check_ifname
 @click.option("--derp-node", default=None, metavar="NAME",
               help="Use this server (by its DERP map node name) in its region instead of the "
               "region's first one (operations, tests of meshed servers).")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics (traffic by path; relay counters) on /metrics.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def command(state_dir: Path, socket_path: Path, tun: str, port: int, derp_node: str | None,
-            verbose: bool) -> None:
+            metrics_listen: str | None, verbose: bool) -> None:
     """Run the node daemon in the foreground until SIGINT/SIGTERM."""
     from relaymesh.node.daemon import DaemonError, run
 
@@ -42,6 +44,7 @@ def command(state_dir: Path, socket_path: Path, tun: str, port: int, derp_node: 
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        asyncio.run(run(state_dir, socket_path, tun, port, derp_node=derp_node))
+        asyncio.run(run(state_dir, socket_path, tun, port, derp_node=derp_node,
+                        metrics_listen=metrics_listen))
     except DaemonError as e:
         raise Fail(str(e)) from None

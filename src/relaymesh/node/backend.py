@@ -478,6 +478,7 @@ class Backend:
                 "node_key": n.node_key.to_text(),
                 "path": str(path),
                 "via": via,
+                "route": self.disco.route_descriptions(n.id, now),
                 "endpoint": endpoint,
                 "home_derp": n.home_derp or None,
                 "tx_bytes": ps.tx_bytes if ps else 0,

@@ -11,6 +11,7 @@ import logging
 import signal
 from pathlib import Path
 
+from relaymesh.node import metrics
 from relaymesh.node.backend import APIError, Backend
 from relaymesh.node.localapi import SocketInUse, close, make_app, serve
 from relaymesh.node.state import StateDir
@@ -27,7 +28,7 @@ class DaemonError(RuntimeError):
 
 
 async def run(state_dir: Path, socket_path: Path, tun: str, port: int, *,
-              derp_node: str | None = None) -> None:
+              derp_node: str | None = None, metrics_listen: str | None = None) -> None:
     try:
         state = StateDir(state_dir)
     except RuntimeError as e:
@@ -41,16 +42,27 @@ async def run(state_dir: Path, socket_path: Path, tun: str, port: int, *,
         runner = await serve(make_app(backend), socket_path)
     except (SocketInUse, OSError) as e:
         raise DaemonError(f"local API socket: {e}") from None
+    metrics_runner = None
     try:
         try:
             await backend.start()
         except APIError as e:
             raise DaemonError(e.message) from None
+        if metrics_listen:
+            host, _, mport = metrics_listen.rpartition(":")
+            try:
+                metrics_runner = await metrics.serve(backend.metrics, host.strip("[]") or "0.0.0.0",
+                                                     int(mport))
+            except (OSError, ValueError) as e:
+                raise DaemonError(f"--metrics-listen {metrics_listen}: {e}") from None
+            log.info("metrics on http://%s/metrics", metrics_listen)
         log.info("node %s, UDP port %d, state %s", state.node_key.node_public().short,
                  backend.port, state_dir)
         print(f"relaymesh daemon: listening on {socket_path}", flush=True)
         await stop.wait()
         log.info("shutting down")
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await close(runner, socket_path)
         await backend.close()

@@ -623,6 +623,11 @@ class DiscoManager:
         r = p.paths.route(now)
         return r[0].describe() if r else None
 
+    def route_descriptions(self, peer_id: int, now: float) -> list[str]:
+        """Every path data goes to now: one, or the suspect UDP path and DERP (mirrored)."""
+        p = self._peers.get(peer_id)
+        return [c.describe() for c in p.paths.route(now)] if p is not None else []
+
     def path(self, peer_id: int, now: float) -> Path:
         p = self._peers.get(peer_id)
         return p.paths.current_path(now) if p is not None else Path.NONE
