@@ -176,12 +176,18 @@ class MeshLab:
 
     # -- servers -------------------------------------------------------------------------------
     def start_derp(self, name: str = "1a", host: str = SERVER_HOST, *,
-                   mesh_with: Sequence[str] = (), mesh_key: Path | None = None) -> LabProcess:
+                   mesh_with: Sequence[str] = (), mesh_key: Path | None = None,
+                   admission: bool = False) -> LabProcess:
+        """``admission=True``: admit only the tailnet's nodes, polled from the control server
+        (start it first: ``--admission-url`` + the token file it created in its state dir)."""
         cmd = ["relaymesh", "derp", "serve", "--listen", f"0.0.0.0:{DERP_PORT}",
                "--stun-port", str(STUN_PORT), "--state-dir", str(self.root / f"derp-{name}")]
         if mesh_with:
             assert mesh_key is not None
             cmd += ["--mesh-key", str(mesh_key), "--mesh-with", ",".join(mesh_with)]
+        if admission:
+            cmd += ["--admission-url", self.url, "--admission-token-file",
+                    str(self.root / "ctl" / "derp-admission.token")]
         p = self.lab.spawn(host, cmd, name=f"derp-{name}")
         p.wait_for("DERP on", 20)
         self.derps[name] = p
