@@ -99,18 +99,21 @@ class PathRow:
 
 @dataclasses.dataclass
 class Interval:
-    """One second of the failover transfer: iperf3's receiver-side rate and the paths seen."""
+    """One second of the failover transfer: iperf3's sending rate, a's path(s) to b in `status`
+    during that second and the packets a sent over DERP in it (mirroring shows up here first)."""
 
     start: float
     end: float
     mbit: float
     paths: list[str]
+    derp_packets: int
 
 
 @dataclasses.dataclass
 class Failover:
     killed_at: float = 0.0  # s into the transfer
-    derp_after: float | None = None  # s from the kill until a saw b on DERP
+    derp_packets_after: float | None = None  # s from the kill until a sends b's packets on DERP
+    derp_after: float | None = None  # s from the kill until a's `status` says derp for b
     intervals: list[Interval] = dataclasses.field(default_factory=list)
     transfer_mbit: float = 0.0  # iperf3's receiver average over the whole transfer
     transfer_error: str | None = None
@@ -121,6 +124,7 @@ class Failover:
 @dataclasses.dataclass
 class DemoResult:
     run_id: str = ""
+    workdir: str = ""  # every daemon's and server's state lives under it
     paths: list[PathRow] = dataclasses.field(default_factory=list)
     throughput: list[tuple[str, str, str, float]] = dataclasses.field(default_factory=list)
     failover: Failover = dataclasses.field(default_factory=Failover)
@@ -282,6 +286,7 @@ def _receiver_mbit(text: str) -> float:
 def run(workdir: Path, result: DemoResult, *, workaround: bool = True) -> None:
     """The whole story; fills ``result`` as it goes (so a failure still shows what was seen)."""
     t_start = time.monotonic()
+    result.workdir = str(workdir)
     with Lab(topology(), state_dir=None) as lab:
         result.run_id = lab.run_id
         d = Demo(lab, workdir)
@@ -345,15 +350,19 @@ def run(workdir: Path, result: DemoResult, *, workaround: bool = True) -> None:
 
 def failover(d: Demo, fo: Failover) -> None:
     """Step 3 of the story: see the module docstring."""
-    seen: list[tuple[float, str]] = []  # (s into the transfer, a's path to b)
+    seen: list[tuple[float, str, int]] = []  # (s into the transfer, a's path to b, DERP tx)
     stop = threading.Event()
 
     def sample(t0: float) -> None:
         while not stop.is_set():
             # a status call that fails is a gap in the samples, no more
             with contextlib.suppress(Exception):
-                seen.append((time.monotonic() - t0, str(d.peers("a")["b"]["path"])))
-            stop.wait(0.25)
+                derp = int(d.metrics("a")["paths"]["derp_tx_packets"])
+                seen.append((time.monotonic() - t0, str(d.peers("a")["b"]["path"]), derp))
+            stop.wait(0.2)
+
+    def derp_tx() -> int:
+        return int(d.metrics("a")["paths"]["derp_tx_packets"])
 
     title = (f"3. a -> b transfer ({FAILOVER_IPERF_SECONDS} s); r's daemon killed at "
              f"{KILL_AT:.0f} s")
@@ -365,17 +374,17 @@ def failover(d: Demo, fo: Failover) -> None:
         sampler.start()
         try:
             until(lambda: time.monotonic() - t0 >= KILL_AT, KILL_AT + 5, "transfer start")
-            derp0 = d.metrics("a")["paths"]["derp_tx_packets"]
+            derp0 = derp_tx()
             d.m.daemons[RELAY].kill()
             fo.killed_at = time.monotonic() - t0
             t_kill = time.monotonic()
-            try:
-                until(lambda: d.metrics("a")["paths"]["derp_tx_packets"] > derp0 + 10
-                      and d.peers("a")["b"]["path"] == "derp", DERP_WITHIN,
-                      "a -> b on DERP", step=0.1)
+            with contextlib.suppress(ScenarioError):
+                until(lambda: derp_tx() > derp0 + 10, DERP_WITHIN, "a's packets on DERP",
+                      step=0.1)
+                fo.derp_packets_after = time.monotonic() - t_kill
+                until(lambda: d.peers("a")["b"]["path"] == "derp",
+                      DERP_WITHIN - fo.derp_packets_after, "a -> b on DERP", step=0.1)
                 fo.derp_after = time.monotonic() - t_kill
-            except ScenarioError:
-                fo.derp_after = None
             client.wait(FAILOVER_IPERF_SECONDS + 30)
         finally:
             stop.set()
@@ -385,22 +394,31 @@ def failover(d: Demo, fo: Failover) -> None:
         fo.transfer_error = out[out.index("iperf3: error"):].splitlines()[0]
     fo.transfer_mbit = _receiver_mbit(out)
     for start, end, mbit in parse_intervals(out):
-        paths = list(dict.fromkeys(p for t, p in seen if start <= t < end + 0.001))
-        fo.intervals.append(Interval(start, end, mbit, paths))
-    table = Table(title="3. a -> b during the failover (iperf3 per second, a's path to b)")
-    for col in ("second", "Mbit/s", "path seen by a", ""):
-        table.add_column(col)
+        inside = [x for x in seen if start <= x[0] < end]
+        before = [x for x in seen if x[0] < start]
+        base = before[-1][2] if before else (inside[0][2] if inside else 0)
+        fo.intervals.append(Interval(start, end, mbit, list(dict.fromkeys(p for _, p, _ in inside)),
+                                     inside[-1][2] - base if inside else 0))
+    table = Table(title="3. a -> b during the failover: iperf3 per second, what a reports")
+    for col in ("second", "Mbit/s", "a's path to b (status)", "a's DERP packets", ""):
+        table.add_column(col, justify="right" if col in ("Mbit/s", "a's DERP packets")
+                         else "left")
     for iv in fo.intervals:
         note = "[red]r killed[/]" if iv.start <= fo.killed_at < iv.end else ""
         table.add_row(f"{iv.start:.0f}-{iv.end:.0f}", f"{iv.mbit:.0f}",
-                      escape(" -> ".join(iv.paths) or "-"), note)
+                      escape(" -> ".join(iv.paths) or "-"), str(iv.derp_packets), note)
     console.print(table)
-    if fo.derp_after is not None:
-        console.print(f"a -> b moved to [yellow]derp[/] {fo.derp_after:.1f} s after r died; the "
-                      f"transfer {'kept running' if not fo.transfer_error else 'FAILED'} "
-                      f"({fo.transfer_mbit:.0f} Mbit/s average)")
+    outcome = ("kept running" if fo.transfer_error is None
+               else f"FAILED ({escape(fo.transfer_error)})")
+    if fo.derp_packets_after is not None:
+        console.print(f"r died: a mirrored b's packets to [yellow]DERP[/] after "
+                      f"{fo.derp_packets_after:.1f} s, `status` said derp after "
+                      + (f"{fo.derp_after:.1f} s" if fo.derp_after is not None else
+                         f"-- not within {DERP_WITHIN:.0f} s")
+                      + f"; the transfer {outcome} ({fo.transfer_mbit:.0f} Mbit/s average)")
     else:
-        console.print(f"[red]a -> b did not reach derp within {DERP_WITHIN:.0f} s[/]")
+        console.print(f"[red]a sent nothing to b over DERP within {DERP_WITHIN:.0f} s[/]; "
+                      f"the transfer {outcome}")
 
     with step("r restarted: waiting for a-b to return to the peer relay"):
         d.spawn_daemon(RELAY, pname="daemon-restarted")
@@ -434,9 +452,11 @@ def summary(r: DemoResult) -> None:
         table.add_row(f"{src} <-> {dst}", f"{escape(path)}, {mbit:.0f} Mbit/s")
     fo = r.failover
     table.add_row("r killed during a -> b",
-                  "on derp after " + (f"{fo.derp_after:.1f} s" if fo.derp_after is not None
-                                      else "never (!)")
-                  + (", transfer completed" if fo.transfer_error is None
+                  "DERP packets after " + (f"{fo.derp_packets_after:.1f} s"
+                                           if fo.derp_packets_after is not None else "-- (!)")
+                  + ", status derp after " + (f"{fo.derp_after:.1f} s"
+                                              if fo.derp_after is not None else "-- (!)")
+                  + (", transfer done" if fo.transfer_error is None
                      else f", transfer failed: {escape(fo.transfer_error)}"))
     table.add_row("r restarted", "back on peer_relay after " + (
         f"{fo.return_after:.1f} s" if fo.return_after is not None else "-- not within "
