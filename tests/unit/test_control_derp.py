@@ -7,7 +7,9 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import stat
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import aiohttp
 import pytest
 from click.testing import CliRunner
 
+from relaymesh import stun
 from relaymesh.cli.control import command as control_command
 from relaymesh.control.config import ConfigError, ServerConfig
 from relaymesh.control.derp import (
@@ -296,8 +299,6 @@ async def test_embedded_derp_key_persists_0600_and_map_keeps_file_regions(
 
 
 async def test_embedded_stun_answers(make_server: MakeServer) -> None:
-    from relaymesh import stun
-
     srv = await make_server(derp_embedded=True, derp_port=0, stun_port=0)
     assert srv.derp is not None and srv.derp.stun_address is not None
     loop = asyncio.get_running_loop()
@@ -323,3 +324,30 @@ def test_serve_derp_with_a_wildcard_listen_needs_derp_host(tmp_path: Path) -> No
                                              "--listen", "0.0.0.0:0", "--derp"])
     assert r.exit_code == 2
     assert "--derp-host" in r.output
+
+
+async def test_serve_derp_process_prints_paths_not_the_token(tmp_path: Path) -> None:
+    """`control serve --derp` as a real process: banner lines, the token never printed."""
+    state = tmp_path / "s"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relaymesh", "control", "serve", "--state-dir", str(state),
+        "--listen", "127.0.0.1:0", "--derp", "--derp-port", "0", "--stun-port", "0",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(20):
+            while not any("embedded DERP on port" in ln for ln in lines):
+                line = await proc.stderr.readline()
+                assert line, f"server exited early: {lines}"
+                lines.append(line.decode())
+        token = (state / "derp-admission.token").read_text().strip()
+        derp_key = (state / "derp.key").read_text().strip()
+        text = "".join(lines)
+        assert f"DERP admission token in {state / 'derp-admission.token'}" in text
+        assert token not in text and derp_key not in text
+        assert str(PrivateKey.parse(derp_key).node_public()) in text  # the public key only
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
