@@ -194,14 +194,15 @@ class MeshLab:
         self.derp_hosts[name] = host
         return p
 
-    def start_control(self, dmap: dict[str, Any]) -> None:
+    def start_control(self, dmap: dict[str, Any], extra_args: Sequence[str] = ()) -> None:
+        """``extra_args``: more `control serve` flags (e.g. ``--derp`` for the embedded DERP)."""
         state = self.root / "ctl"
         (self.root / "policy.hujson").write_text(ALLOW_ALL)
         (self.root / "derp.json").write_text(json.dumps(dmap))
         self.ctl = self.lab.spawn(SERVER_HOST, [
             "relaymesh", "control", "serve", "--state-dir", str(state), "--listen",
             f"0.0.0.0:{CTL_PORT}", "--policy", str(self.root / "policy.hujson"),
-            "--derp-map", str(self.root / "derp.json")], name="control")
+            "--derp-map", str(self.root / "derp.json"), *extra_args], name="control")
         until(lambda: (state / "admin.sock").exists() and "node API on" in self.ctl_output(),
               20, "control server start")
         self.admin("users", "create", "alice")
