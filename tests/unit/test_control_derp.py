@@ -275,6 +275,25 @@ async def test_embedded_derp_admits_registered_refuses_others_drops_deleted(
             await c.close()
 
 
+async def test_embedded_derp_drops_the_old_key_after_a_node_key_rotation(
+    make_server: MakeServer
+) -> None:
+    srv = await make_server(derp_embedded=True, derp_port=0, stun_port=0)
+    a = await join(srv, "a")
+    node = embedded_node(srv.hot.derp_map)
+    old = DerpClient.for_map_node(node, a.node_priv)
+    try:
+        await old.connect()
+        a.node_priv = PrivateKey.generate()
+        await a.register(None)  # same machine, new node key (control-protocol.md §1)
+        await wait_for(lambda: not old.connected, 1.0, "old node key disconnected")
+        async with DerpClient.for_map_node(node, a.node_priv) as new:
+            await new.connect()
+            assert new.connected
+    finally:
+        await old.close()
+
+
 async def test_embedded_derp_key_persists_0600_and_map_keeps_file_regions(
     make_server: MakeServer, tmp_path: Path
 ) -> None:
