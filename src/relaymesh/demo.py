@@ -182,11 +182,11 @@ class Demo:
     def relay_port_underlay_only(self) -> None:
         """r's firewall: the relay port is open on the underlay only, not through the tunnel.
 
-        Works around a daemon bug (docs/demo.md): r advertises its tailnet addresses among its
-        relay candidates, a client that already has a tunnel to r binds through it, and r then
-        forwards 1.3 kB relayed WireGuard packets into its own 1280-byte tunnel (EMSGSIZE), so
-        the a-b relay path carries almost nothing. A relay operator would open the port only on
-        the public interface anyway."""
+        A relay operator opens the port on the public interface only. Here it also guards against
+        a daemon bug seen while building the demo (docs/demo.md): a relay that advertises its
+        tailnet addresses among its relay candidates gets clients that already have a tunnel to
+        it binding through that tunnel, and then forwards 1.3 kB relayed WireGuard packets into
+        its own 1280-byte tunnel (EMSGSIZE): the a-b relay path carries almost nothing."""
         for cmd in (["add", "table", "inet", "rmdemo"],
                     ["add", "chain", "inet", "rmdemo", "input",
                      "{ type filter hook input priority 0 ; }"],
@@ -284,7 +284,7 @@ def _receiver_mbit(text: str) -> float:
     return 0.0
 
 
-def run(workdir: Path, result: DemoResult, *, workaround: bool = True) -> None:
+def run(workdir: Path, result: DemoResult, *, underlay_only: bool = True) -> None:
     """The whole story; fills ``result`` as it goes (so a failure still shows what was seen)."""
     t_start = time.monotonic()
     result.workdir = str(workdir)
@@ -292,15 +292,14 @@ def run(workdir: Path, result: DemoResult, *, workaround: bool = True) -> None:
         result.run_id = lab.run_id
         d = Demo(lab, workdir)
         console.print(f"[dim]lab run {lab.run_id}: namespaces rm-{lab.run_id}-*[/]")
-        if workaround:
-            console.print(f"[dim]r's firewall opens relay port {RELAY_PORT} on the underlay "
-                          "only (works around the tailnet-candidate bug, docs/demo.md; "
-                          "--no-workaround shows it)[/]")
+        if underlay_only:
+            console.print(f"[dim]r's firewall: relay port {RELAY_PORT} open on the underlay "
+                          "only, not through the tunnel (docs/demo.md)[/]")
         with step("coordination server (SQLite) and DERP server up on the lab internet; "
                   "policy grants tag:client -> tag:relay"):
             d.start_servers()
         with step(f"relay node r up with --relay-server-port {RELAY_PORT}"):
-            if workaround:
+            if underlay_only:
                 d.relay_port_underlay_only()
             d.start_node(RELAY)
             until(lambda: "peer relay: serving" in d.m.daemons[RELAY].output(), 20,
@@ -471,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m relaymesh.demo", description=__doc__.split(
         "\n", 1)[0])
     ap.add_argument("--json", metavar="PATH", help="write the measured facts as JSON")
-    ap.add_argument("--no-workaround", action="store_true",
-                    help="leave r's relay port open through the tunnel too (docs/demo.md)")
+    ap.add_argument("--tunnel-relay-port", action="store_true",
+                    help="leave r's relay port open through the tunnel too: on daemons that "
+                         "advertise tailnet relay candidates, a-b then breaks (docs/demo.md)")
     ap.add_argument("--twin", action="store_true",
                     help="run the story on the in-memory twin (no root, paths only)")
     args = ap.parse_args(argv)
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         with tempfile.TemporaryDirectory(prefix="relaymesh-demo-") as d:
-            run(Path(d), result, workaround=not args.no_workaround)
+            run(Path(d), result, underlay_only=not args.tunnel_relay_port)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: everything torn down[/]")
         rc = 130
