@@ -172,9 +172,10 @@ def test_hard_hard_uses_the_peer_relay_and_all_views_agree(mesh: MeshLab) -> Non
     assert relay_addr == f"{mesh.lab.address('r')}:{RELAY_PORT}", via
     ping = mesh.cli("a", "ping", "-c", "1", "b").stdout
     assert f"via peer-relay(r {relay_addr} session {session})" in ping, ping
-    sessions = relay_sessions(mesh, "r")["sessions"]
-    mine = [s for s in sessions if s["session_id"] == session]
-    assert mine and sorted(mine[0]["names"]) == ["a", "b"] and mine[0]["state"] == "bound", sessions
+    listing = relay_sessions(mesh, "r")
+    assert listing["candidates"] == [relay_addr], listing  # underlay only, never the tailnet
+    mine = [s for s in listing["sessions"] if s["session_id"] == session]
+    assert mine and sorted(mine[0]["names"]) == ["a", "b"] and mine[0]["state"] == "bound", mine
     # 100 MB through the relay, hashed on both ends
     sink = mesh.lab.spawn("b", [sys.executable, "-c", SINK_SERVER, str(SINK_PORT)], name="sink")
     sink.wait_for("ready", 10)
@@ -224,10 +225,14 @@ def test_relay_behind_a_firewall_serves_traffic_bound_to_itself(mesh: MeshLab) -
     via = str(mesh.peer("c", "r3")["via"])  # type: ignore[index]
     assert f"({mesh.lab.address('r3')}:{RELAY_PORT}," in via, via
     session = int(via.rsplit("session ", 1)[1].rstrip(")"))
-    sessions = relay_sessions(mesh, "r3")["sessions"]
-    mine = [s for s in sessions if s["session_id"] == session]
-    assert mine and sorted(mine[0]["names"]) == ["c", "r3"], sessions
+    listing = relay_sessions(mesh, "r3")
+    mine = [s for s in listing["sessions"] if s["session_id"] == session]
+    assert mine and sorted(mine[0]["names"]) == ["c", "r3"], listing
     assert all(p > 0 for p in mine[0]["packets"]), mine
+    for _ in range(3):
+        assert mesh.echo("c", "r3", deadline=5)["ok"]
+    # nothing relayed through the tunnel itself (a tailnet candidate would nest and not fit)
+    assert "shell_send_error" not in relay_sessions(mesh, "r3")["metrics"]["drops"]
 
 
 def test_refused_allocation_is_counted_and_the_relay_sees_no_plaintext(mesh: MeshLab) -> None:

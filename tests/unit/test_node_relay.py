@@ -282,3 +282,35 @@ def test_prometheus_text_has_every_path_and_the_relay_counters() -> None:
     assert 'relaymesh_relay_sessions{state="bound"} 2' in lines
     assert 'relaymesh_relay_drops_total{reason="not_allowed"} 1' in lines
     assert "relaymesh_relay" not in render({"paths": {}})
+
+
+def test_a_second_call_me_maybe_via_does_not_orphan_the_bind_in_flight() -> None:
+    """Both peers allocate at once, so each gets the endpoint twice (its own allocation and
+    the peer's call-me-maybe-via): one bind goes out, and its challenge is answered."""
+    net = granted()
+    a_disco, b_disco = NODES["a"].disco_key, NODES["b"].disco_key
+    assert a_disco is not None and b_disco is not None
+    resp = net.relay.handle_allocate(a_disco, b_disco, 1, 0.0, True)
+    assert resp is not None
+    cmmv = seal(CallMeMaybeVia(resp.endpoint), KEYS["a"][1], b_disco)
+    first, _ = net.m["b"].handle(cmmv, ("derp", 1), 0.0, via_derp=1)
+    again, _ = net.m["b"].handle(cmmv, ("derp", 1), 0.1, via_derp=1)
+    assert [s.addr for s in first] == [RELAY_ADDR] and again == []
+    (challenge, dest), = net.relay.handle_datagram(first[0].data, ADDR["b"], 0.2)
+    assert dest == ADDR["b"]
+    out, _ = net.m["b"].handle(challenge, RELAY_ADDR, 0.2)
+    assert out and out[0].addr == RELAY_ADDR  # the answer (then a ping through the relay)
+    assert net.m["b"].relay_counters["bound"] == 1
+
+
+def test_tailnet_addresses_among_relay_candidates_are_never_bound() -> None:
+    """Binding to a relay's tailnet address would relay through the tunnel itself."""
+    net = granted()
+    a_disco, b_disco, r_disco = (NODES[n].disco_key for n in ("a", "b", "r"))
+    assert a_disco is not None and b_disco is not None and r_disco is not None
+    ep = RelayEndpoint(r_disco, (a_disco, b_disco), 1, 9, 30000, 300000,
+                       ((ip_address("100.64.0.6"), 40000),
+                        (ip_address(RELAY_ADDR[0]), RELAY_ADDR[1])))
+    out, _ = net.m["b"].handle(seal(CallMeMaybeVia(ep), KEYS["a"][1], b_disco), ("derp", 1),
+                               0.0, via_derp=1)
+    assert [s.addr for s in out] == [RELAY_ADDR]

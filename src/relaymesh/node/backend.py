@@ -154,6 +154,7 @@ class Backend:
         self.relay_service: RelayService | None = None
         self._reported_relay: tuple[int | None, list[str]] | None = None
         self._relay_inbound: dict[Any, bytes] = {}
+        self._logged_route: dict[int, str] = {}  # peer id -> last route logged (changes only)
         if not state.state.node_id:
             self.backend_state = "NeedsLogin"
         else:
@@ -291,14 +292,16 @@ class Backend:
         if idle:
             with contextlib.suppress(ValueError):
                 limits = dataclasses.replace(limits, idle_lifetime=max(1.0, float(idle)))
+        # candidates come from _apply_relay_candidates: the service's own discovery would also
+        # list the TUN's tailnet address (relaying through the tunnel itself)
         svc = RelayService(self.st.disco_key, self._relay_allowed, resolver=self._relay_name,
-                           limits=limits, static_endpoints=statics)
+                           limits=limits, static_endpoints=statics, discover_candidates=False)
         try:
             port = svc.start(want)
         except OSError as e:
             raise APIError(500, f"cannot open relay port {want}: {e.strerror}") from None
-        self.relay_service = svc
-        self._apply_relay_candidates()
+        self.relay_service = svc  # candidates follow with the next endpoint report (a thread:
+        #   netlink must not run on the event loop); until then allocations are refused
         self.disco.on_allocate = svc.handle_allocate_packet
         self.disco.set_local_relay(self._local_allocate)
         log.info("peer relay: serving on UDP port %d", port)
@@ -319,16 +322,24 @@ class Backend:
             await asyncio.to_thread(svc.stop)
 
     def _apply_relay_candidates(self) -> None:
-        """The STUN-mapped address with the relay port joins the interface addresses (a relay
-        behind a port-preserving 1:1 NAT); statics come first (set at start)."""
+        """Relay candidates: static endpoints (set at start), the STUN-mapped address with the
+        relay port (a relay behind a port-preserving 1:1 NAT), then the host's underlay
+        addresses (never the TUN's or any tailnet address). Blocking (netlink): call it from
+        a thread or at start."""
         svc = self.relay_service
         if svc is None or svc.port is None:
             return
-        extra = []
+        texts = []
         if self._stun_endpoint:
+            texts.append(self._stun_endpoint)
+        texts += self._endpoints_fn(svc.port)
+        extra: list[Any] = []
+        for t in texts:
             with contextlib.suppress(ValueError):
-                ip, _ = parse_endpoint(self._stun_endpoint)
-                extra.append((ipaddress.ip_address(ip), svc.port))
+                ip, _ = parse_endpoint(t)
+                cand = (ipaddress.ip_address(ip), svc.port)
+                if cand not in extra:
+                    extra.append(cand)
         svc.set_candidates(extra)
 
     def _node_by_disco(self, key: Any) -> MapNode | None:
@@ -927,6 +938,10 @@ class Backend:
         now = time.monotonic()
         has_route = hasattr(self.engine, "set_route")
         for n in self.netmap.peers.values():
+            desc = " + ".join(self.disco.route_descriptions(n.id, now)) or "none"
+            if self._logged_route.get(n.id) != desc:
+                self._logged_route[n.id] = desc
+                log.info("path to %s: %s", n.name, desc)
             relay = self.disco.relay_route(n.id, now)
             if relay is not None and has_route:
                 _, region = self.disco.route(n.id, now)  # DERP too while the relay is suspect

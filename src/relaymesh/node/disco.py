@@ -65,6 +65,7 @@ from relaymesh.magicsock.pathsel import (
     SendCallMeMaybe,
     SendPing,
 )
+from relaymesh.magicsock.sock import usable_endpoint_ip
 from relaymesh.node.netmap import MapNode
 from relaymesh.paths import Path
 from relaymesh.relay.header import (
@@ -83,6 +84,9 @@ CLI_PING_MAX = 256  # outstanding `relaymesh ping` probes kept; older ones are f
 DERP_HOST = "derp"  # Send.addr / PingResult.addr host for DERP: ("derp", region id)
 UNSPECIFIED = (ipaddress.ip_address("0.0.0.0"), 0)  # a pong over DERP observed no UDP source
 MAX_BINDS = 1024  # outstanding relay binds kept; a flood of endpoints cannot grow memory
+BIND_RETRY = 2.0  # s: a bind in flight (or just answered) is not restarted before this: both
+#   peers allocate and send call-me-maybe-via at once, and a second bind with a new generation
+#   would orphan the first one's challenge
 NOT_AUTHORIZED = "not authorized: the policy grants this node no use of this relay (relay.may_use)"
 
 Addr = tuple[str, int]
@@ -128,6 +132,7 @@ class _Bind:
     peer_id: int
     cand: Candidate
     idle_lifetime: float
+    sent_at: float
 
 
 @dataclass
@@ -172,6 +177,7 @@ class DiscoManager:
         self._pending_alloc: dict[tuple[DiscoKey, DiscoKey], int] = {}  # (relay, peer) -> gen
         self._binds: collections.OrderedDict[RelayKey, _Bind] = collections.OrderedDict()
         self._relay_paths: dict[RelayKey, tuple[int, Candidate]] = {}
+        self._bound_at: dict[RelayKey, float] = {}
         self._cli_cands: dict[bytes, Candidate] = {}
         self.relay_counters: collections.Counter[str] = collections.Counter()
 
@@ -204,6 +210,7 @@ class DiscoManager:
             del self._peers[pid]
         for k in [k for k, (pid, _) in self._relay_paths.items() if pid not in self._peers]:
             del self._relay_paths[k]
+        self._bound_at = {k: t for k, t in self._bound_at.items() if k in self._relay_paths}
         for k in [k for k, b in self._binds.items() if b.peer_id not in self._peers]:
             del self._binds[k]
         self._apply_relay_availability()
@@ -444,12 +451,18 @@ class DiscoManager:
                     self._relay_paths.pop((c.addr, c.session), None)
         idle = ep.idle_lifetime_ms / 1000.0
         for ip, port in ep.candidates:
-            if ip.is_unspecified or not port:
-                continue
+            if not port or not usable_endpoint_ip(ip):
+                continue  # never a tailnet address: that would relay through the tunnel itself
             addr = (str(ip), port)
             cand = Candidate(Path.PEER_RELAY, addr=addr, relay=name, session=sid)
+            key = (addr, sid)
             if p.paths.is_trusted(cand, now):
                 continue  # working already: nothing to re-bind
+            pending = self._binds.get(key)
+            if pending is not None and now - pending.sent_at < BIND_RETRY:
+                continue  # a bind is in flight
+            if key in self._relay_paths and now - self._bound_at.get(key, -1e9) < BIND_RETRY:
+                continue  # just bound: the pings through it are on their way
             self._bind_gen += 1
             try:
                 client = BindClient(self._priv, ep, self._bind_gen)
@@ -458,7 +471,7 @@ class DiscoManager:
                 return out
             if len(self._binds) >= MAX_BINDS:
                 self._binds.popitem(last=False)
-            self._binds[(addr, sid)] = _Bind(client, p.node.id, cand, idle)
+            self._binds[key] = _Bind(client, p.node.id, cand, idle, now)
             out.append(Send(client.bind_packet(), addr))
             self.relay_counters["bind_sent"] += 1
         return out
@@ -473,15 +486,17 @@ class DiscoManager:
             return [], []
         key = (src, hdr.session_id)
         if hdr.control:
-            bind = self._binds.pop(key, None)
+            bind = self._binds.get(key)
             if bind is None:
                 self.drops["relay_unexpected_control"] += 1
                 return [], []
             try:
                 answer = bind.client.handle_packet(data)
             except BindError:
-                self.drops["relay_bad_challenge"] += 1
+                self.drops["relay_bad_challenge"] += 1  # e.g. an older generation's challenge
                 return [], []
+            del self._binds[key]
+            self._bound_at[key] = now
             p = self._peers.get(bind.peer_id)
             if p is None:
                 return [], []
