@@ -7,6 +7,8 @@ One lab for the module (relaymesh.lab.grid.MeshLab: control + DERP + STUN on ``s
 - ``a`` and ``b`` (tag:client) each behind a ``hard`` NAT: the grant tag:client -> tag:relay lets
   them use ``r``;
 - ``d`` and ``e`` (untagged, no relay grant) each behind ``hard``: no relay for them;
+- ``r2`` like ``r`` but with 40 ms added delay; its relay is turned on only for the two-relays
+  test (the last: the other tests assume one relay for a and b);
 - ``r3`` (tag:relay3) behind a ``firewall`` whose only inbound opening is UDP 40000, relay port
   40000, and ``c`` (tag:client3, ``hard``) with the grant tag:client3 -> tag:relay3.
 
@@ -55,6 +57,7 @@ POLICY = {
 }
 NODES: dict[str, tuple[str | None, str]] = {  # host -> (NAT kind or None: internet, tags)
     "r": (None, "tag:relay"),
+    "r2": (None, "tag:relay"),  # 40 ms slower; its relay is on only in the two-relays test
     "a": ("hard", "tag:client"),
     "b": ("hard", "tag:client"),
     "d": ("hard", ""),
@@ -62,7 +65,8 @@ NODES: dict[str, tuple[str | None, str]] = {  # host -> (NAT kind or None: inter
     "r3": ("firewall", "tag:relay3"),
     "c": ("hard", "tag:client3"),
 }
-RELAYS = {"r", "r3"}
+RELAYS = {"r", "r3"}  # relay on from the start (r2: see test_two_relays...)
+SLOW_MS = 40.0
 METRICS = "127.0.0.1:9100"  # each daemon's Prometheus endpoint, inside its own namespace
 PATTERN = b"RELAYMESH-PLAINTEXT-CANARY-7f3a9c"  # what the sniffer on r must never see
 
@@ -86,6 +90,7 @@ def topology() -> Topology:
             topo.add_network(f"n{host}", nat=nat)
             topo.add_host(host, network=f"n{host}")
     topo.add_port_forward("nr3", "r3", RELAY_PORT)
+    topo.set_impairment("r2", delay_ms=SLOW_MS)
     topo.add_host(SERVER_HOST)
     return topo
 
@@ -310,3 +315,24 @@ def test_relay_death_moves_to_derp_and_back_without_a_reset(mesh: MeshLab) -> No
     until(lambda: "peer relay: serving" in p.output() or not p.alive, 20, "r's relay back")
     mesh.daemons["r"] = p
     on_relay(mesh, "a", "b", "r", timeout=60.0)
+
+
+def test_two_relays_the_faster_wins_and_the_other_takes_over(mesh: MeshLab) -> None:
+    """Acceptance 5: r2 (40 ms slower) turns its relay on: a<->b stay on r, r2 is a working
+    alternative; r's relay goes away: a<->b move to r2, not to DERP."""
+    mesh.cli("r2", "set", "--relay-server-port", str(RELAY_PORT))
+    until(lambda: "peer relay: serving" in mesh.daemons["r2"].output(), 10, "r2's relay")
+
+    def r2_trusted() -> bool:
+        mesh.echo("a", "b", deadline=2, each=1)
+        rows = json.loads(mesh.cli("a", "debug", "path", "b", "--json").stdout)
+        return any(r["candidate"].startswith("peer-relay r2 (") and r["state"] == "trusted"
+                   for r in rows)
+    until(r2_trusted, 45, "r2 probed and working as an alternative", step=1.0)
+    rows = json.loads(mesh.cli("a", "debug", "path", "b", "--json").stdout)
+    lat = {r["candidate"].split(" (")[0]: r["latency_ms"] for r in rows
+           if r["kind"] == "peer_relay" and r["state"] in ("active", "trusted")}
+    assert lat["peer-relay r2"] > lat["peer-relay r"] + SLOW_MS / 2, rows
+    assert str((mesh.peer("a", "b") or {}).get("via")).startswith("peer-relay r ("), rows
+    mesh.cli("r", "set", "--relay-server-port=")
+    on_relay(mesh, "a", "b", "r2", timeout=15.0)
