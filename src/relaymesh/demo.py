@@ -46,7 +46,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from relaymesh.cli._local import LocalClient
-from relaymesh.lab import Lab, Topology
+from relaymesh.lab import Lab, LabProcess, Topology
 from relaymesh.lab.grid import (
     ECHO_PORT,
     ECHO_SERVER,
@@ -242,7 +242,7 @@ class Demo:
                 f.result()
 
     def iperf(self, src: str, dst: str, seconds: int, *, port: int = IPERF_PORT,
-              extra: tuple[str, ...] = ("-J",), pname: str = "iperf3-c") -> Any:
+              extra: tuple[str, ...] = ("-J",), pname: str = "iperf3-c") -> LabProcess:
         """iperf3 TCP src -> dst's tailnet address; the client process (already started)."""
         server = self.lab.spawn(dst, ["iperf3", "-s", "-1", "--forceflush", "-p", str(port)],
                                 name=f"iperf3-s{port}")

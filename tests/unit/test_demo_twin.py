@@ -60,3 +60,22 @@ def test_without_root_the_demo_says_so_in_one_line_and_runs_the_twin(
     assert rc == 0, out
     assert len(err.strip().splitlines()) == 1 and "not root" in err
     assert "in-memory twin" in out and "peer_relay" in out and "r restarted" in out
+
+
+IPERF_TEXT = """\
+[  5] local 100.64.0.2 port 50810 connected to 100.64.0.3 port 5201
+[ ID] Interval           Transfer     Bitrate         Retr  Cwnd
+[  5]   0.00-1.00   sec  51.1 MBytes   429 Mbits/sec  3886    470 KBytes
+[  5]   1.00-2.00   sec  0.00 Bytes  0.00 bits/sec   15   4.80 KBytes
+[  5]   2.00-3.00   sec  74.4 KBytes   608 Kbits/sec   25   4.80 KBytes
+- - - - - - - - - - - - - - - - - - - - - - - - -
+[  5]   0.00-3.00   sec   139 MBytes   388 Mbits/sec  8347             sender
+[  5]   0.00-3.01   sec   136 MBytes   379 Mbits/sec                  receiver
+"""
+
+
+def test_demo_reads_iperf3_per_second_lines_and_the_receiver_rate() -> None:
+    """The lab demo's failover table comes from iperf3's text output (3.12 has no JSON stream)."""
+    assert demo.parse_intervals(IPERF_TEXT) == [(0.0, 1.0, 429.0), (1.0, 2.0, 0.0),
+                                                 (2.0, 3.0, pytest.approx(0.608))]
+    assert demo._receiver_mbit(IPERF_TEXT) == 379.0
