@@ -182,11 +182,11 @@ class Demo:
     def relay_port_underlay_only(self) -> None:
         """r's firewall: the relay port is open on the underlay only, not through the tunnel.
 
-        A relay operator opens the port on the public interface only. Here it also guards against
-        a daemon bug seen while building the demo (docs/demo.md): a relay that advertises its
-        tailnet addresses among its relay candidates gets clients that already have a tunnel to
-        it binding through that tunnel, and then forwards 1.3 kB relayed WireGuard packets into
-        its own 1280-byte tunnel (EMSGSIZE): the a-b relay path carries almost nothing."""
+        A relay operator opens the port on the public interface only. It also guarded against a
+        daemon bug seen while building the demo, fixed in c8901d5 (docs/demo.md): a relay that
+        advertised its tailnet addresses among its relay candidates got clients with a tunnel to
+        it binding through that tunnel, and then forwarded 1.3 kB relayed WireGuard packets into
+        its own 1280-byte tunnel (EMSGSIZE): the a-b relay path carried almost nothing."""
         for cmd in (["add", "table", "inet", "rmdemo"],
                     ["add", "chain", "inet", "rmdemo", "input",
                      "{ type filter hook input priority 0 ; }"],
