@@ -318,6 +318,8 @@ def run(workdir: Path, result: DemoResult, *, underlay_only: bool = True) -> Non
             finally:
                 result.paths = d.rows()
         console.print(path_table(result.paths, "1. live paths, as `relaymesh status` sees them"))
+        console.print("[bold]$ relaymesh status[/] (on a)")
+        console.print(escape(d.m.cli("a", "status").stdout.rstrip()), soft_wrap=True)
         ping = d.m.cli("a", "ping", "-c", "1", "b").stdout.strip()
         console.print(f"[bold]$ relaymesh ping b[/] (on a): {escape(ping)}")
 
