@@ -84,6 +84,9 @@ DEFAULT_PING_TIMEOUT = 5.0  # s, reference ping timeout
 NETCHECK_INTERVAL = 30.0  # s: re-measure DERP latency and the STUN mapping (NAT rebinding,
 #   roaming); the reference runs it every 20-26 s. One check is a few small datagrams per region.
 NETCHECK_RETRY = 5.0  # s: after a check that got no region at all (DERP down at start)
+RELAY_KERNEL_ENV = "RELAYMESH_RELAY_KERNEL"  # "1": try the relay's nftables fast path
+#   (docs/peer-relays.md; falls back to userspace by itself). Off by default until it has been
+#   measured through daemons on more hosts (bench/paths.py measures both).
 RELAY_IDLE_ENV = "RELAYMESH_RELAY_IDLE_LIFETIME"  # s; lets test configs shorten the relay's idle
 #   lifetime (default 300 s, the reference value) to prove clients keep idle relay paths alive
 
@@ -295,7 +298,8 @@ class Backend:
         # candidates come from _apply_relay_candidates: the service's own discovery would also
         # list the TUN's tailnet address (relaying through the tunnel itself)
         svc = RelayService(self.st.disco_key, self._relay_allowed, resolver=self._relay_name,
-                           limits=limits, static_endpoints=statics, discover_candidates=False)
+                           limits=limits, static_endpoints=statics, discover_candidates=False,
+                           kernel=os.environ.get(RELAY_KERNEL_ENV) == "1")
         try:
             port = svc.start(want)
         except OSError as e:
