@@ -1,19 +1,23 @@
 """bench/anchors: relaymesh next to wireguard-go and Nebula, one lab, the same iperf3 settings.
 
 One lab for every row: hosts ``srv`` (coordination server and DERP server, Nebula lighthouse),
-``r`` (the relay host) and ``a`` -> ``b`` (iperf3 sender -> receiver), all directly on the lab
-internet, no impairment, IPv4 underlay. Relay and DERP rows add an nftables drop of all UDP
-between a's and b's addresses in the internet router, so the relay (or DERP, over TCP) is the
-only path, and check from the tool's own output that it is really used; "direct" rows check that
-the path is direct. Each row starts its own processes and stops them before the next row.
+``r`` (the relay host: Nebula's relay, relaymesh's userspace peer relay), ``rk`` (the same kind of
+host for relaymesh's peer relay with the nftables fast path, as in bench/paths.py) and ``a`` ->
+``b`` (iperf3 sender -> receiver), all directly on the lab internet, no impairment, IPv4
+underlay. Relay and DERP rows add an nftables drop of all UDP between a's and b's addresses in
+the internet router, so the relay (or DERP, over TCP) is the only path, and check from the tool's
+own output that it is really used; "direct" rows check that the path is direct. Each row starts
+its own processes and stops them before the next row.
 
 Rows are pluggable (``ROWS``): a row that cannot run here is reported as ``not available:
 <reason>``, never estimated. Rows today:
 
 =========================  ===================================================================
 relaymesh-direct           control + DERP server on srv, ``relaymesh daemon`` on a and b
-relaymesh-peer-relay       not available until the node daemon runs peer relays (client + r)
-relaymesh-peer-relay-kern  same, with the relay's kernel fast path
+relaymesh-peer-relay       same tailnet plus r's daemon as peer relay (tag:relay, relay grant),
+                           direct UDP blocked; userspace forwarding checked in r's counters
+relaymesh-peer-relay-kern  same on rk with ``RELAYMESH_RELAY_KERNEL=1``: nftables forwards, checked
+                           in rk's kernel counters
 relaymesh-derp             same tailnet, direct UDP blocked: the daemons fall back to DERP on srv
 wireguard-go-direct        Debian wireguard-go, configured with wg(8) (bench/_common.py)
 nebula-direct              Debian nebula: lighthouse on srv, a <-> b direct (bench/_nebula.py)
@@ -33,9 +37,9 @@ docs/benchmarks-anchors.png (matplotlib, the ``bench`` extra) unless ``--no-docs
 
 Adding a row: a ``RowSpec`` in ``ROWS`` whose ``start(lab, tmp)`` returns a ``Running`` (the
 server's tunnel address, the pids to measure, a path check in the tool's own words, a stop).
-The relaymesh peer relay rows are already wired that way (policy grant, ``tag:relay`` and
-``--relay-server-port`` on r, path asserted as ``peer_relay``) and only wait for the daemon: drop
-their ``_not_yet`` reason when it serves that path (and give the kernel row its relay flag).
+The relaymesh peer relay rows reuse bench/paths.py (its relay grant, relay port and daemon start)
+and check the path from a's and b's ``relaymesh status --json`` and the relay's ``relaymesh debug
+peer-relay-sessions --json`` (session bound for a and b; which forwarder carried the bytes).
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -55,10 +58,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _nebula
+import paths as bench_paths
 from _common import ROOT, IperfResult, iperf_to, median, start_pair, stop, update_doc_section
 from _common import wait_tunnel as wg_wait_tunnel
 from relaymesh import __version__ as rm_version
@@ -68,19 +73,16 @@ from relaymesh.lab.grid import SERVER_HOST, MeshLab, derp_map
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "benchmarks-anchors.png"
 SECTION = "anchors"
-HOSTS = ("srv", "r", "a", "b")
+HOSTS = ("srv", "r", "rk", "a", "b")
+USER_RELAY = "r"  # relaymesh's userspace peer relay row (and Nebula's relay)
+KERNEL_RELAY = "rk"  # bench/paths.py's start() turns the nftables fast path on for this name
+# The kernel row must have at least this share of the relayed bytes counted by nftables (the rest:
+# disco and the first packets after a bind, before the next sync installs the flow).
+KERNEL_SHARE = 0.9
 CLIENT, SERVER = "a", "b"
 RM_MTU = 1280  # relaymesh.node.engine.TUN_MTU (the daemon's TUN, see docs/node.md)
 WG_MTU = 1420  # bench/_common.py configures wireguard-go with wg-quick's default
 BASELINE = "wireguard-go-direct"
-ALLOW_ALL = {"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}
-# The policy the peer relay rows need: everyone reaches everyone, r (tag:relay) relays for all.
-RELAY_POLICY = {
-    "tagOwners": {"tag:relay": ["alice@"]},  # MeshLab's user
-    "acls": ALLOW_ALL["acls"],
-    "grants": [{"src": ["autogroup:member"], "dst": ["tag:relay"],
-                "app": {"relaymesh.dev/cap/relay": [{}]}}],
-}
 
 
 @dataclass
@@ -169,47 +171,109 @@ def _stop_mesh(m: MeshLab) -> None:
             p.stop()
 
 
-def start_relaymesh(expect: str, relay_args: list[str] | None = None
-                    ) -> Callable[[Lab, Path], Running]:
-    """A relaymesh row: control + DERP server on srv, daemons on a and b (and on r, tagged
-    ``tag:relay`` with ``relay_args``, for the peer relay rows); the row runs once a's status
-    shows b on the ``expect`` path. CPU "r" is the process that relays: r's daemon, or the DERP
-    server for the DERP row."""
+def _relay_view(m: MeshLab, relay: str) -> dict[str, Any]:
+    """The relay daemon's ``debug peer-relay-sessions --json``: sessions and relay metrics."""
+    return dict(json.loads(m.cli(relay, "debug", "peer-relay-sessions", "--json").stdout))
+
+
+def _num(metrics: dict[str, Any], key: str) -> int:
+    return int(metrics.get(key) or 0)
+
+
+def check_peer_relay(m: MeshLab, relay: str, kernel: bool, before: dict[str, Any]
+                     ) -> tuple[str, str]:
+    """The path word and its evidence for a peer relay row, from both ends and the relay.
+
+    ``peer_relay`` only when a and b each show the other on ``peer-relay RELAY (ip:port,
+    session N)`` in ``relaymesh status --json``, the relay's ``debug peer-relay-sessions`` lists
+    session N bound for a and b, and the bytes the relay forwarded since ``before`` (a snapshot
+    of its metrics taken when the row started) went the way the row claims: for the kernel row
+    at least ``KERNEL_SHARE`` of them counted by the nftables counters (and the session marked
+    kernel), for the userspace row none (no kernel path at all). Anything else gets another
+    word, so the row fails with this evidence instead of reporting a number for the wrong path.
+    """
+    ab, ba = bench_paths.via(m, CLIENT, SERVER), bench_paths.via(m, SERVER, CLIENT)
+    pa = m.path(CLIENT, SERVER)
+    ev = [f"`relaymesh status` on a: path {pa} via {ab}; on b: path {m.path(SERVER, CLIENT)} "
+          f"via {ba}"]
+    want = f"peer-relay {relay} ("
+    if pa != "peer_relay" or not ab.startswith(want) or not ba.startswith(want):
+        return pa, "; ".join(ev)
+    session = int(ab.rsplit("session ", 1)[1].rstrip(")"))
+    view = _relay_view(m, relay)
+    mine = [s for s in view["sessions"] if s["session_id"] == session]
+    met = dict(view["metrics"])
+    if not mine or sorted(mine[0]["names"]) != [CLIENT, SERVER] or mine[0]["state"] != "bound":
+        ev.append(f"{relay}'s `debug peer-relay-sessions` has no bound a<->b session {session}: "
+                  f"{view['sessions']}")
+        return "peer_relay?", "; ".join(ev)
+    fwd = _num(met, "forwarded_bytes") - _num(before, "forwarded_bytes")
+    user = _num(met, "userspace_forwarded_bytes") - _num(before, "userspace_forwarded_bytes")
+    kern = _num(met, "kernel_forwarded_bytes") - _num(before, "kernel_forwarded_bytes")
+    ev.append(f"{relay}'s `debug peer-relay-sessions`: session {session} a<->b bound, "
+              f"kernel {mine[0]['kernel']}, relay kernel path {met.get('kernel')}"
+              + (f" ({met['kernel_unavailable']})" if met.get("kernel_unavailable") else "")
+              + f"; forwarded during the runs {fwd / 1e6:.0f} MB: userspace {user / 1e6:.0f} MB, "
+              f"nftables {kern / 1e6:.0f} MB")
+    if kernel:
+        ok = bool(met.get("kernel")) and mine[0]["kernel"] and fwd > 0 \
+            and kern >= KERNEL_SHARE * fwd
+        return ("peer_relay" if ok else "peer_relay (not kernel-forwarded)"), "; ".join(ev)
+    ok = not met.get("kernel") and fwd > 0 and user >= KERNEL_SHARE * fwd
+    return ("peer_relay" if ok else "peer_relay (not userspace-forwarded)"), "; ".join(ev)
+
+
+def start_relaymesh(expect: str, relay: str | None = None) -> Callable[[Lab, Path], Running]:
+    """A relaymesh row: control + DERP server on srv, daemons on a and b; for the peer relay
+    rows also ``relay``'s daemon, started by bench/paths.py's ``start`` (tag:relay,
+    ``--relay-server-port``; on ``rk`` with ``RELAYMESH_RELAY_KERNEL=1``) under its relay grant.
+    The row runs once a's status shows b on the ``expect`` path (and, for a relay row, each
+    side the other via ``relay``). CPU "r" is the process that relays: the relay host's daemon,
+    or the DERP server for the DERP row."""
 
     def start(lab: Lab, tmp: Path) -> Running:
         m = MeshLab(lab, tmp)
+        before: dict[str, Any] = {}
         try:
             m.start_derp("1a")
             m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST))])]))
-            if relay_args is not None:
-                assert m.ctl is not None
-                (tmp / "policy.hujson").write_text(json.dumps(RELAY_POLICY) + "\n")
-                os.kill(m.ctl.pid, signal.SIGHUP)  # `ip netns exec` execs: the pid is the server
-                m.start_daemon("r")
-                until(lambda: m.cli("r", "up", "--login-server", m.url, "--auth-key",
-                                    m.auth_key, "--hostname", "r", "--advertise-tags",
-                                    "tag:relay", *relay_args, check=False).returncode == 0,
-                      10, "r up as tag:relay (after the policy reload)")
+            if relay is not None:
+                (tmp / "relay-policy.json").write_text(json.dumps(bench_paths.POLICY) + "\n")
+                m.admin("policy", "set", "-f", str(tmp / "relay-policy.json"))
+                bench_paths.start(m, relay)
             m.start_nodes([CLIENT, SERVER])
             ip = m.ipv4(SERVER)
+
+            def on_path() -> bool:
+                if relay is None:
+                    return m.path(CLIENT, SERVER) == expect
+                m.echo(CLIENT, SERVER, deadline=2, each=1)  # traffic drives relay discovery
+                want = f"peer-relay {relay} ("
+                return all(m.path(x, y) == expect and bench_paths.via(m, x, y).startswith(want)
+                           for x, y in ((CLIENT, SERVER), (SERVER, CLIENT)))
             try:
-                until(lambda: m.path(CLIENT, SERVER) == expect, 30,
-                      f"a's status to show b on path {expect}")
+                until(on_path, 30 if relay is None else 60,
+                      f"a's status to show b on path {expect}"
+                      + (f" via {relay} (and b's a)" if relay else ""))
             except RuntimeError as e:
                 raise RuntimeError(f"{e}; b in a's status: {m.peer(CLIENT, SERVER)}") from None
             wait_connect(lab, CLIENT, ip, 30)
+            if relay is not None:
+                before = dict(_relay_view(m, relay)["metrics"])
         except BaseException:
             _stop_mesh(m)
             raise
 
         def check() -> tuple[str, str]:
+            if relay is not None:
+                return check_peer_relay(m, relay, relay == KERNEL_RELAY, before)
             p = m.peer(CLIENT, SERVER) or {}
             where = p.get("endpoint") if p.get("path") == "direct" else p.get("via")
             return str(p.get("path")), f"`relaymesh status`: path {p.get('path')} via {where}"
 
         pids = {"a": m.daemons[CLIENT].pid, "b": m.daemons[SERVER].pid}
-        if relay_args is not None:
-            pids["r"] = m.daemons["r"].pid
+        if relay is not None:
+            pids["r"] = m.daemons[relay].pid
         elif expect == "derp":
             pids["r"] = m.derps["1a"].pid
         return Running(ip, pids, RM_MTU, check, lambda: _stop_mesh(m), m)
@@ -284,23 +348,12 @@ def start_nebula(relay: bool) -> Callable[[Lab, Path], Running]:
     return start
 
 
-def _not_yet(reason: str) -> Callable[[], str | None]:
-    return lambda: reason
-
-
 ROWS: list[RowSpec] = [
     RowSpec("relaymesh-direct", "relaymesh direct", "direct", False, start_relaymesh("direct")),
-    # The peer relay and DERP rows are wired (policy grant, tag:relay, --relay-server-port on r,
-    # direct UDP blocked, path asserted from `relaymesh status`); drop the reason when the node
-    # daemon serves and uses peer relays, and set the kernel row's relay flag.
     RowSpec("relaymesh-peer-relay", "relaymesh via peer relay (userspace)", "peer_relay", True,
-            start_relaymesh("peer_relay", ["--relay-server-port", "0"]),
-            _not_yet("the node daemon has no peer relay server or client yet (relay prefs are "
-                     "stored, not announced; a later session adds them)"), via="r"),
+            start_relaymesh("peer_relay", USER_RELAY), via=USER_RELAY),
     RowSpec("relaymesh-peer-relay-kernel", "relaymesh via peer relay (kernel fast path)",
-            "peer_relay", True, start_relaymesh("peer_relay", ["--relay-server-port", "0"]),
-            _not_yet("needs the daemon's peer relays (above) with the relay's nftables fast path"),
-            via="r"),
+            "peer_relay", True, start_relaymesh("peer_relay", KERNEL_RELAY), via=KERNEL_RELAY),
     RowSpec("relaymesh-derp", "relaymesh via DERP", "derp", True, start_relaymesh("derp"),
             via="srv"),
     RowSpec(BASELINE, "wireguard-go direct", "direct", False, start_wireguard_go),
@@ -487,12 +540,17 @@ def doc_body(results: list[RowResult], args: argparse.Namespace, cmd: str, text:
         f"Linux {platform.release()}); {versions()}.\n\n"
         f"- iperf3 TCP a -> b through the tunnel, {args.seconds:g} s x {args.runs} runs per row, "
         f"median; runs {order}.\n"
-        "- One lab for every row: srv (coordination server, Nebula lighthouse), r (relay) and "
-        "a, b, all on the lab internet without impairment; for the relay and DERP rows all UDP "
-        "between a and b is dropped in the internet router, and each row's path is checked "
-        "from the tool's own output (below). relaymesh rows run the coordination server and a "
-        "DERP server on srv (relaymesh.lab.grid.MeshLab); \"CPU relay\" is the relaying "
-        "process (Nebula's relay on r, relaymesh's DERP server on srv, r's daemon).\n"
+        "- One lab for every row: srv (coordination server, Nebula lighthouse), r (relay: "
+        "Nebula's, relaymesh's userspace peer relay), rk (relaymesh's peer relay with "
+        "`RELAYMESH_RELAY_KERNEL=1`, the nftables fast path) and a, b, all on the lab internet "
+        "without impairment; for the relay and DERP rows all UDP between a and b is dropped in "
+        "the internet router, and each row's path is checked from the tool's own output "
+        "(below). relaymesh rows run the coordination server and a DERP server on srv "
+        "(relaymesh.lab.grid.MeshLab); the peer relay rows add the relay grant and the relay's "
+        "daemon as bench/paths.py does. \"CPU relay\" is the relaying process (Nebula's relay "
+        "on r, relaymesh's DERP server on srv, r's or rk's daemon: for the kernel row only its "
+        "userspace part, the nftables forwarding runs in softirq and shows in \"machine "
+        "busy\").\n"
         "- Each tool with its own tunnel MTU (column MTU): relaymesh's daemon 1280, "
         f"wireguard-go 1420 (wg-quick's default), Nebula {_nebula.NEBULA_MTU} (its default); "
         f"Nebula {nebula_buf}. IPv4 underlay for every row (the hosts' global IPv6 addresses "
