@@ -197,8 +197,10 @@ def check_peer_relay(m: MeshLab, relay: str, kernel: bool, before: dict[str, Any
     ev = [f"`relaymesh status` on a: path {pa} via {ab}; on b: path {m.path(SERVER, CLIENT)} "
           f"via {ba}"]
     want = f"peer-relay {relay} ("
-    if pa != "peer_relay" or not ab.startswith(want) or not ba.startswith(want):
+    if pa != "peer_relay":
         return pa, "; ".join(ev)
+    if not ab.startswith(want) or not ba.startswith(want):
+        return f"peer_relay (not both via {relay})", "; ".join(ev)
     session = int(ab.rsplit("session ", 1)[1].rstrip(")"))
     view = _relay_view(m, relay)
     mine = [s for s in view["sessions"] if s["session_id"] == session]

@@ -1,10 +1,13 @@
-"""bench/anchors' Nebula rows, functionally: each carries a bounded TCP transfer on its path.
+"""bench/anchors' Nebula and relaymesh peer relay rows, functionally: each carries a bounded TCP
+transfer on its path.
 
-Runs the benchmark's own row code (``anchors.ROWS``: lab topology, Nebula CA/configs, the direct
-UDP block, the path checks) with one bounded iperf3 transfer instead of timed runs, so the
-plumbing the benchmark depends on is tested in CI without measuring speed. Also checks, without
-a lab (no root needed), that a row that cannot run is reported as not available and never
-measured, and how the table computes medians and ratios to wireguard-go direct.
+Runs the benchmark's own row code (``anchors.ROWS``: lab topology, Nebula CA/configs, the relay
+grant and relay daemons, the direct UDP block, the path checks) with one bounded TCP transfer
+instead of timed runs, so the plumbing the benchmark depends on is tested in CI without measuring
+speed. Also checks, without a lab (no root needed), that a row that cannot run is reported as not
+available and never measured, how the table computes medians and ratios to wireguard-go direct,
+and that a peer relay row whose bytes went through the other forwarder (or another relay, or an
+unbound session) is not reported as its path.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,6 +140,118 @@ def test_nebula_relay_row_carries_tcp_through_r_with_direct_udp_blocked(
         _nebula.unblock_direct_udp(lab)
     tables = lab.exec("inet", ["nft", "list", "tables"]).stdout
     assert _nebula.BLOCK_TABLE not in tables
+
+
+@pytest.fixture
+def anchor_lab(lab_factory: object) -> Lab:
+    lab: Lab = lab_factory(_topology())  # type: ignore[operator]
+    anchors.ipv4_underlay(lab)  # as the benchmark does
+    return lab
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("key", ["relaymesh-peer-relay", "relaymesh-peer-relay-kernel"])
+def test_peer_relay_row_carries_tcp_through_its_relay_with_direct_udp_blocked(
+        anchor_lab: Lab, tmp_path: Path, key: str) -> None:
+    lab = anchor_lab
+    spec = _row(key)
+    assert spec.block_direct and spec.expect == "peer_relay"
+    relay = anchors.KERNEL_RELAY if key.endswith("kernel") else anchors.USER_RELAY
+    assert spec.via == relay
+    _nebula.block_direct_udp(lab, anchors.CLIENT, anchors.SERVER)
+    try:
+        running = spec.start(lab, tmp_path)
+        try:
+            before = _nebula.rx_bytes(lab, relay)
+            assert _transfer(lab, running.server_ip) == TRANSFER
+            received = _nebula.rx_bytes(lab, relay) - before
+            path, evidence = running.check_path()
+            assert "r" in running.pids
+        finally:
+            running.stop()
+        # the row's own check: status on both ends, the relay's bound session and the forwarder
+        # the row claims (nftables counters for the kernel row, the userspace loop otherwise)
+        assert path == "peer_relay", evidence
+        assert f"via peer-relay {relay} ({lab.address(relay)}:" in evidence, evidence
+        assert "a<->b bound" in evidence, evidence
+        assert f"relay kernel path {relay == anchors.KERNEL_RELAY}" in evidence, evidence
+        assert received >= TRANSFER, received  # every byte crossed the relay host
+    finally:
+        _nebula.unblock_direct_udp(lab)
+
+
+class _FakeMesh:
+    """What ``anchors.check_peer_relay`` reads from a MeshLab: both ends' status and the
+    relay's ``debug peer-relay-sessions --json``."""
+
+    def __init__(self, via: str, sessions: list[dict[str, Any]], metrics: dict[str, Any]):
+        self.via, self.sessions, self.metrics = via, sessions, metrics
+
+    def peer(self, name: str, peer: str) -> dict[str, Any]:
+        return {"path": "peer_relay", "via": self.via}
+
+    def path(self, name: str, peer: str) -> str:
+        return "peer_relay"
+
+    def cli(self, name: str, *args: str) -> Any:
+        assert args == ("debug", "peer-relay-sessions", "--json")
+
+        class Out:
+            stdout = json.dumps({"sessions": self.sessions, "metrics": self.metrics})
+        return Out()
+
+
+def _session(sid: int = 7, kernel: bool = True, state: str = "bound") -> dict[str, Any]:
+    return {"session_id": sid, "names": ["b", "a"], "state": state, "kernel": kernel}
+
+
+VIA_RK = "peer-relay rk (198.18.3.2:40000, session 7)"
+KERNEL_BEFORE = {"kernel": True, "forwarded_bytes": 1000, "userspace_forwarded_bytes": 1000,
+                 "kernel_forwarded_bytes": 0}
+
+
+def _check(mesh: _FakeMesh, relay: str = "rk", kernel: bool = True,
+           before: dict[str, Any] | None = None) -> str:
+    return anchors.check_peer_relay(mesh, relay, kernel,  # type: ignore[arg-type]
+                                    before or KERNEL_BEFORE)[0]
+
+
+def test_peer_relay_check_accepts_the_kernel_row_only_when_nftables_carried_the_bytes() -> None:
+    kernel_did = {"kernel": True, "forwarded_bytes": 101_000,
+                  "userspace_forwarded_bytes": 2_000, "kernel_forwarded_bytes": 99_000}
+    assert _check(_FakeMesh(VIA_RK, [_session()], kernel_did)) == "peer_relay"
+    # same relay, same session, but the Python loop forwarded most of it: not the kernel row
+    loop_did = {"kernel": True, "forwarded_bytes": 101_000,
+                "userspace_forwarded_bytes": 60_000, "kernel_forwarded_bytes": 41_000}
+    assert _check(_FakeMesh(VIA_RK, [_session()], loop_did)) != "peer_relay"
+    # the kernel path fell back (no nft): nothing counted by nftables
+    fell_back = {"kernel": False, "kernel_unavailable": "nft missing",
+                 "forwarded_bytes": 101_000, "userspace_forwarded_bytes": 101_000}
+    assert _check(_FakeMesh(VIA_RK, [_session(kernel=False)], fell_back)) != "peer_relay"
+
+
+def test_peer_relay_check_accepts_the_userspace_row_only_without_a_kernel_path() -> None:
+    via = "peer-relay r (198.18.2.2:40000, session 7)"
+    before = {"kernel": False, "forwarded_bytes": 0, "userspace_forwarded_bytes": 0}
+    user = {"kernel": False, "forwarded_bytes": 50_000, "userspace_forwarded_bytes": 50_000}
+    assert _check(_FakeMesh(via, [_session(kernel=False)], user), "r", False,
+                  before) == "peer_relay"
+    kern = {"kernel": True, "forwarded_bytes": 50_000, "userspace_forwarded_bytes": 0,
+            "kernel_forwarded_bytes": 50_000}
+    assert _check(_FakeMesh(via, [_session()], kern), "r", False, before) != "peer_relay"
+    # nothing forwarded during the runs: the bytes did not cross this relay
+    assert _check(_FakeMesh(via, [_session(kernel=False)], before), "r", False,
+                  before) != "peer_relay"
+
+
+def test_peer_relay_check_wants_the_right_relay_and_a_bound_session_for_a_and_b() -> None:
+    did = {"kernel": True, "forwarded_bytes": 101_000, "userspace_forwarded_bytes": 1_000,
+           "kernel_forwarded_bytes": 100_000}
+    # status says another relay
+    assert _check(_FakeMesh(VIA_RK.replace("rk", "r"), [_session()], did)) != "peer_relay"
+    # the relay lists no such session, or it is only half bound
+    assert _check(_FakeMesh(VIA_RK, [_session(sid=8)], did)) != "peer_relay"
+    assert _check(_FakeMesh(VIA_RK, [_session(state="half_bound")], did)) != "peer_relay"
 
 
 def _mesh_of(running: anchors.Running) -> _nebula.NebulaMesh:
