@@ -7,8 +7,9 @@ One lab for the module (relaymesh.lab.grid.MeshLab: control + DERP + STUN on ``s
 - ``a`` and ``b`` (tag:client) each behind a ``hard`` NAT: the grant tag:client -> tag:relay lets
   them use ``r``;
 - ``d`` and ``e`` (untagged, no relay grant) each behind ``hard``: no relay for them;
-- ``r2`` like ``r`` but with 40 ms added delay; its relay is turned on only for the two-relays
-  test (the last: the other tests assume one relay for a and b);
+- ``r2`` (tag:relay) behind a ``one2one`` NAT with 40 ms added delay; its relay (with its public
+  address as a static endpoint) is turned on only for the two-relays test (the last: the other
+  tests assume one relay for a and b);
 - ``r3`` (tag:relay3) behind a ``firewall`` whose only inbound opening is UDP 40000, relay port
   40000, and ``c`` (tag:client3, ``hard``) with the grant tag:client3 -> tag:relay3.
 
@@ -57,7 +58,7 @@ POLICY = {
 }
 NODES: dict[str, tuple[str | None, str]] = {  # host -> (NAT kind or None: internet, tags)
     "r": (None, "tag:relay"),
-    "r2": (None, "tag:relay"),  # 40 ms slower; its relay is on only in the two-relays test
+    "r2": ("one2one", "tag:relay"),  # 40 ms slower; relay on only in the two-relays test
     "a": ("hard", "tag:client"),
     "b": ("hard", "tag:client"),
     "d": ("hard", ""),
@@ -318,10 +319,15 @@ def test_relay_death_moves_to_derp_and_back_without_a_reset(mesh: MeshLab) -> No
 
 
 def test_two_relays_the_faster_wins_and_the_other_takes_over(mesh: MeshLab) -> None:
-    """Acceptance 5: r2 (40 ms slower) turns its relay on: a<->b stay on r, r2 is a working
-    alternative; r's relay goes away: a<->b move to r2, not to DERP."""
+    """Acceptance 5 (and 9): r2 (40 ms slower, behind one2one, its public address as a static
+    endpoint) turns its relay on: a<->b stay on r, r2 is a working alternative; r's relay goes
+    away: a<->b move to r2 at its static endpoint, not to DERP."""
+    static = f"{mesh.lab.public_address('r2')}:{RELAY_PORT}"
+    mesh.cli("r2", "set", "--relay-server-static-endpoints", static)
     mesh.cli("r2", "set", "--relay-server-port", str(RELAY_PORT))
     until(lambda: "peer relay: serving" in mesh.daemons["r2"].output(), 10, "r2's relay")
+    until(lambda: relay_sessions(mesh, "r2")["candidates"][:1] == [static], 15,
+          "r2 announces its static endpoint first")
 
     def r2_trusted() -> bool:
         mesh.echo("a", "b", deadline=2, each=1)
@@ -336,3 +342,4 @@ def test_two_relays_the_faster_wins_and_the_other_takes_over(mesh: MeshLab) -> N
     assert str((mesh.peer("a", "b") or {}).get("via")).startswith("peer-relay r ("), rows
     mesh.cli("r", "set", "--relay-server-port=")
     on_relay(mesh, "a", "b", "r2", timeout=15.0)
+    assert f"peer-relay r2 ({static}," in str((mesh.peer("a", "b") or {}).get("via")), static
