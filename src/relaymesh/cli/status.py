@@ -34,8 +34,10 @@ def _via(p: dict[str, Any]) -> str:
 
 def render(st: dict[str, Any], now: float) -> list[str]:
     me = st.get("self") or {}
+    relay = me.get("relay_server_port")
     lines = [f"{_v4(me.get('addresses') or []):<16}{me.get('name') or '-':<20}"
-             f"{me.get('user') or '-':<12}self"]
+             f"{me.get('user') or '-':<12}self"
+             + (f"  peer relay on UDP {relay}" if relay is not None else "")]
     for p in st.get("peers") or []:
         lines.append(
             f"{_v4(p.get('addresses') or []):<16}{p.get('name') or '-':<20}"

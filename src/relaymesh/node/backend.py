@@ -518,6 +518,7 @@ class Backend:
                 "endpoints": self._reported_endpoints or [],
                 "port": self.port,
                 "home_derp": self.derp.home or None,
+                "relay_server_port": self.relay_service.port if self.relay_service else None,
             },
             "derp": self.derp.status(),
             "peers": peers,
@@ -776,6 +777,7 @@ class Backend:
         self.last_error = reason
         self.netmap = NetMap()
         self.disco.set_peers([], time.monotonic())
+        await self._stop_relay_server()
         await self._stop_engine()
         await self.derp.close()
         s = self.st.state
