@@ -215,8 +215,8 @@ def check_peer_relay(m: MeshLab, relay: str, kernel: bool, before: dict[str, Any
     ev.append(f"{relay}'s `debug peer-relay-sessions`: session {session} a<->b bound, "
               f"kernel {mine[0]['kernel']}, relay kernel path {met.get('kernel')}"
               + (f" ({met['kernel_unavailable']})" if met.get("kernel_unavailable") else "")
-              + f"; forwarded during the runs {fwd / 1e6:.0f} MB: userspace {user / 1e6:.0f} MB, "
-              f"nftables {kern / 1e6:.0f} MB")
+              + f"; forwarded during the run(s) of the row's last start {fwd / 1e6:.0f} MB: "
+              f"userspace {user / 1e6:.0f} MB, nftables {kern / 1e6:.0f} MB")
     if kernel:
         ok = bool(met.get("kernel")) and mine[0]["kernel"] and fwd > 0 \
             and kern >= KERNEL_SHARE * fwd
@@ -563,10 +563,31 @@ def doc_body(results: list[RowResult], args: argparse.Namespace, cmd: str, text:
         f"{load[0][0]:.2f}/{load[0][1]:.2f}/{load[0][2]:.2f}, after "
         f"{load[1][0]:.2f}/{load[1][1]:.2f}/{load[1][2]:.2f}. Every row is CPU-bound on 2 "
         "shared cores (sender, receiver, both tunnel ends and the relay): compare ratios.\n\n"
-        + text + "\n\nPath checks (after the runs):\n\n" + "\n".join(notes)
+        + text + "\n\nPeer relay ratios (medians):\n\n" + relay_ratios(results)
+        + "\n\nPath checks (after every start's run(s); the last one shown; the relay host's "
+        "eth0 bytes summed over all runs):\n\n" + "\n".join(notes)
         + "\n\n" + reference_note(results)
         + "\n\n![anchors chart](benchmarks-anchors.png)\n"
     )
+
+
+RELAY_ROWS = ("relaymesh-peer-relay", "relaymesh-peer-relay-kernel")
+
+
+def relay_ratios(results: list[RowResult]) -> str:
+    """Each relaymesh peer relay row over wireguard-go direct, relaymesh direct and relaymesh
+    via DERP (the figures issue 7 asks for), from the medians in the table."""
+    got = {r.key: r.mbit for r in results if r.runs}
+    lines = []
+    for key in RELAY_ROWS:
+        if key not in got:
+            continue
+        parts = [f"{got[key] / got[k]:.2f}x {name}" for k, name in (
+            (BASELINE, "wireguard-go direct"), ("relaymesh-direct", "relaymesh direct"),
+            ("relaymesh-derp", "relaymesh via DERP")) if got.get(k)]
+        label = next(r.label for r in results if r.key == key)
+        lines.append(f"- {label}: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 # shared/design/MEASUREMENTS.md, same kind of machine (2 vCPUs), A and B behind NATs there
@@ -640,6 +661,7 @@ def main() -> int:
     for r in results:
         if r.runs:
             print(f"  {r.label}: {r.evidence}")
+    print(relay_ratios(results))
     if args.json:
         args.json.write_text(json.dumps([result_json(r) for r in results], indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -298,3 +298,15 @@ def test_table_ratios_are_to_wireguard_go_direct_and_medians_of_the_runs() -> No
     assert lines[2] == ("| Nebula via its relay | 100 | 50 / 150 / 100 | 0.50x | 10% | 5% | – "
                         "| 99% | 10 | 1300 | relay |")
     assert lines[3].startswith("| wireguard-go direct | 200 | 300 / 100 / 200 | 1.00x |")
+
+
+def test_relay_ratios_are_the_peer_relay_medians_over_wireguard_go_direct_and_derp() -> None:
+    def row(key: str, *mbits: float) -> anchors.RowResult:
+        return anchors.RowResult(key, key, runs=[IperfResult(m, 0, {}) for m in mbits])
+
+    rows = [row("relaymesh-direct", 500, 400, 600), row("relaymesh-peer-relay", 300, 200, 100),
+            row("relaymesh-derp", 100, 50, 150), row(anchors.BASELINE, 400, 400, 400)]
+    text = anchors.relay_ratios(rows)
+    # medians: relay 200, direct 500, DERP 100, wireguard-go 400; no kernel row -> no line
+    assert text == ("- relaymesh-peer-relay: 0.50x wireguard-go direct, 0.40x relaymesh direct, "
+                    "2.00x relaymesh via DERP")
