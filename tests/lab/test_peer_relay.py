@@ -11,7 +11,8 @@ One lab for the module (relaymesh.lab.grid.MeshLab: control + DERP + STUN on ``s
   address as a static endpoint) is turned on only for the two-relays test (the last: the other
   tests assume one relay for a and b);
 - ``r3`` (tag:relay3) behind a ``firewall`` whose only inbound opening is UDP 40000, relay port
-  40000, and ``c`` (tag:client3, ``hard``) with the grant tag:client3 -> tag:relay3.
+  40000 and a per-client limit of 10 Mbit/s, and ``c`` and ``f`` (tag:client3, ``hard``) with
+  the grant tag:client3 -> tag:relay3.
 
 The policy also allows all traffic (one ACL), so every node sees every other: the relays that a
 node may not use show up in its ``debug path`` with the reason.
@@ -65,7 +66,9 @@ NODES: dict[str, tuple[str | None, str]] = {  # host -> (NAT kind or None: inter
     "e": ("hard", ""),
     "r3": ("firewall", "tag:relay3"),
     "c": ("hard", "tag:client3"),
+    "f": ("hard", "tag:client3"),
 }
+CLIENT_BPS = 1_250_000  # r3's per-client byte limit: 10 Mbit/s (test 8)
 RELAYS = {"r", "r3"}  # relay on from the start (r2: see test_two_relays...)
 SLOW_MS = 40.0
 METRICS = "127.0.0.1:9100"  # each daemon's Prometheus endpoint, inside its own namespace
@@ -105,6 +108,8 @@ def start_node(m: MeshLab, name: str) -> None:
            "--socket", m.sock(name), "--tun", "rm0", "--port", str(WG_PORT),
            "--metrics-listen", METRICS]
     env = {"RELAYMESH_RELAY_IDLE_LIFETIME": str(IDLE_LIFETIME)} if name in RELAYS else None
+    if name == "r3" and env is not None:
+        env["RELAYMESH_RELAY_CLIENT_BYTES_PER_SECOND"] = str(CLIENT_BPS)
     p = m.lab.spawn(name, cmd, name="daemon", env=env)
     until(lambda: "listening on" in p.output() or not p.alive, 20, f"daemon {name}")
     assert p.alive, p.output()
@@ -239,6 +244,34 @@ def test_relay_behind_a_firewall_serves_traffic_bound_to_itself(mesh: MeshLab) -
         assert mesh.echo("c", "r3", deadline=5)["ok"]
     # nothing relayed through the tunnel itself (a tailnet candidate would nest and not fit)
     assert "shell_send_error" not in relay_sessions(mesh, "r3")["metrics"]["drops"]
+
+
+def test_a_client_over_its_rate_limit_is_limited_while_another_keeps_its_rate(
+        mesh: MeshLab) -> None:
+    """Acceptance 8: c and f both reach r3 through r3's relay (limit 10 Mbit/s per client); c
+    sends UDP at 30 Mbit/s while f sends at 4 Mbit/s: c gets about its limit, f all of it."""
+    on_relay(mesh, "c", "r3", "r3")
+    on_relay(mesh, "f", "r3", "r3")
+    for port in (5301, 5302):
+        mesh.lab.spawn("r3", ["iperf3", "-s", "-p", str(port)], name=f"iperf{port}")
+    time.sleep(1.0)  # iperf3 -s does not flush its banner when not on a terminal
+    target = mesh.ipv4("r3")
+    dropped0 = relay_sessions(mesh, "r3")["metrics"]["drops"].get("rate_limited", 0)
+    cmd = ["iperf3", "-u", "-t", "4", "-l", "1200", "-J", "-c", target]
+    procs = {"c": mesh.lab.spawn("c", [*cmd, "-p", "5301", "-b", "30M"], name="udpflood"),
+             "f": mesh.lab.spawn("f", [*cmd, "-p", "5302", "-b", "4M"], name="udpflow")}
+    got = {}
+    for host, p in procs.items():
+        p.wait(40)
+        end = json.loads(p.output()[p.output().index("{"):])["end"]["sum"]
+        got[host] = (end["bits_per_second"] * (1 - end["lost_percent"] / 100) / 1e6,
+                     end["lost_percent"])
+    limit_mbit = CLIENT_BPS * 8 / 1e6
+    assert got["c"][0] < limit_mbit * 1.4, got  # limited (a burst of 0.2 s on top)
+    assert got["c"][1] > 30, got  # most of the 30 Mbit/s was dropped
+    assert got["f"][0] > 3.5 and got["f"][1] < 5, got  # f keeps its rate
+    drops = relay_sessions(mesh, "r3")["metrics"]["drops"].get("rate_limited", 0)
+    assert drops > dropped0, drops
 
 
 def test_refused_allocation_is_counted_and_the_relay_sees_no_plaintext(mesh: MeshLab) -> None:

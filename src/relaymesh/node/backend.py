@@ -87,6 +87,8 @@ NETCHECK_RETRY = 5.0  # s: after a check that got no region at all (DERP down at
 RELAY_KERNEL_ENV = "RELAYMESH_RELAY_KERNEL"  # "1": try the relay's nftables fast path
 #   (docs/peer-relays.md; falls back to userspace by itself). Off by default until it has been
 #   measured through daemons on more hosts (bench/paths.py measures both).
+RELAY_BPS_ENV = "RELAYMESH_RELAY_CLIENT_BYTES_PER_SECOND"  # per-client byte rate limit of the
+#   relay (default RelayLimits: 50 MB/s); the burst is a fifth of a second of it (>= 64 KiB)
 RELAY_IDLE_ENV = "RELAYMESH_RELAY_IDLE_LIFETIME"  # s; lets test configs shorten the relay's idle
 #   lifetime (default 300 s, the reference value) to prove clients keep idle relay paths alive
 
@@ -295,6 +297,12 @@ class Backend:
         if idle:
             with contextlib.suppress(ValueError):
                 limits = dataclasses.replace(limits, idle_lifetime=max(1.0, float(idle)))
+        bps = os.environ.get(RELAY_BPS_ENV)
+        if bps:
+            with contextlib.suppress(ValueError):
+                rate = max(1.0, float(bps))
+                limits = dataclasses.replace(limits, bytes_per_second=rate,
+                                             byte_burst=max(65536.0, rate / 5))
         # candidates come from _apply_relay_candidates: the service's own discovery would also
         # list the TUN's tailnet address (relaying through the tunnel itself)
         svc = RelayService(self.st.disco_key, self._relay_allowed, resolver=self._relay_name,
