@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from relaymesh.lab.lab import Lab, LabProcess
-from relaymesh.lab.scenario import ECHO_CLIENT, until
+from relaymesh.lab.scenario import ECHO_CLIENT
+from relaymesh.lab.scenario import until as until  # re-exported: tests and benches import it here
 from relaymesh.lab.topology import Topology
 
 NAT_KINDS = ("none", "firewall", "easy", "hard", "one2one", "udp-blocked")
