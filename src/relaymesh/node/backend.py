@@ -47,8 +47,8 @@ from typing import Any
 
 from relaymesh.control.policy import Filter
 from relaymesh.derp.client import pick_home_region
-from relaymesh.disco import is_disco
-from relaymesh.keys import NodeKey
+from relaymesh.disco import RelayEndpoint, is_disco
+from relaymesh.keys import DiscoKey, NodeKey
 from relaymesh.magicsock.netcheck import Report
 from relaymesh.magicsock.netcheck_io import NetcheckRunner
 from relaymesh.magicsock.pathsel import PathPolicy
@@ -158,7 +158,7 @@ class Backend:
         self._reported_home = 0
         self.relay_service: RelayService | None = None
         self._reported_relay: tuple[int | None, list[str]] | None = None
-        self._relay_inbound: dict[Any, bytes] = {}
+        self._relay_inbound: dict[tuple[tuple[str, int], int], bytes] = {}
         self._logged_route: dict[int, str] = {}  # peer id -> last route logged (changes only)
         if not state.state.node_id:
             self.backend_state = "NeedsLogin"
@@ -354,19 +354,19 @@ class Backend:
                     extra.append(cand)
         svc.set_candidates(extra)
 
-    def _node_by_disco(self, key: Any) -> MapNode | None:
+    def _node_by_disco(self, key: DiscoKey) -> MapNode | None:
         for n in self.netmap.peers.values():
             if n.disco_key == key:
                 return n
         return None
 
-    def _relay_allowed(self, requester: Any, other: Any) -> bool:
+    def _relay_allowed(self, requester: DiscoKey, other: DiscoKey) -> bool:
         """Policy for an allocation: both clients must be in ``relay.serve_for`` (node keys),
         except this node itself, which may always be one end of its own relay's sessions."""
         serve_for = {str(k) for k in self.netmap.relay.get("serve_for") or []}
         me = self.st.disco_key.disco_public()
 
-        def ok(key: Any) -> bool:
+        def ok(key: DiscoKey) -> bool:
             if key == me:
                 return True
             n = self._node_by_disco(key)
@@ -374,14 +374,14 @@ class Backend:
 
         return ok(requester) and ok(other)
 
-    def _relay_name(self, key: Any) -> str | None:
+    def _relay_name(self, key: DiscoKey) -> str | None:
         if key == self.st.disco_key.disco_public():
             me = self.netmap.self_node
             return me.name if me else self.st.state.name
         n = self._node_by_disco(key)
         return n.name if n else None
 
-    def _local_allocate(self, peer: Any) -> Any:
+    def _local_allocate(self, peer: DiscoKey) -> RelayEndpoint | None:
         svc = self.relay_service
         if svc is None:
             return None
