@@ -40,7 +40,6 @@ from typing import Any, cast
 from relaymesh.relay.header import CONTROL_BIT, HEADER_LEN
 from relaymesh.relay.session import Addr, RelayServer
 from relaymesh.wireguard.datapath import (
-    GRO_CMSG_SPACE,
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
     SOL_UDP,
@@ -48,6 +47,7 @@ from relaymesh.wireguard.datapath import (
     UDP_SEGMENT,
     V4_MAPPED,
     open_udp_socket,
+    recv_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -274,20 +274,7 @@ class RelayUDP:
     def _receive(self, bufs: list[bytearray]) -> list[tuple[int, Any, int]]:
         got: list[tuple[int, Any, int]] = []  # (bytes, source sockaddr, segment size)
         try:
-            if self._gro:
-                recvmsg_into, anc_size = self.sock.recvmsg_into, GRO_CMSG_SPACE
-                for buf in bufs:
-                    n, anc, _, sa = recvmsg_into([buf], anc_size, socket.MSG_DONTWAIT)
-                    seg = n
-                    for level, kind, data in anc:
-                        if level == SOL_UDP and kind == UDP_GRO:
-                            seg = int.from_bytes(data, sys.byteorder) or n
-                    got.append((n, sa, seg))
-            else:
-                recv_into = self.sock.recvfrom_into
-                for buf in bufs:
-                    n, sa = recv_into(buf, RECV_BUFSIZE, socket.MSG_DONTWAIT)
-                    got.append((n, sa, n))
+            recv_batch(self.sock, bufs, self._gro, got)
         except BlockingIOError:
             pass
         except OSError as e:  # e.g. ECONNREFUSED from an ICMP error for an earlier send

@@ -160,6 +160,32 @@ def _try_udp_option(sock: socket.socket, option: int, value: int) -> bool:
     return True
 
 
+def recv_batch(
+    sock: socket.socket, bufs: list[bytearray], gro: bool, got: list[tuple[int, Any, int]]
+) -> None:
+    """Receive into ``bufs`` without blocking until they are used or the socket is empty.
+
+    Appends ``(bytes, source sockaddr, segment size)`` per receive to ``got``; with UDP GRO one
+    receive may hold several datagrams of ``segment size`` back to back (the last may be
+    shorter). Raises what the socket raises (BlockingIOError when drained) after keeping what
+    was already received in ``got``, so callers count errors under their own names.
+    """
+    if gro:
+        recvmsg_into, anc_size = sock.recvmsg_into, GRO_CMSG_SPACE
+        for buf in bufs:
+            n, anc, _, addr = recvmsg_into([buf], anc_size, socket.MSG_DONTWAIT)
+            seg = n
+            for level, kind, data in anc:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    seg = int.from_bytes(data, sys.byteorder) or n
+            got.append((n, addr, seg))
+    else:
+        recv_into = sock.recvfrom_into
+        for buf in bufs:
+            n, addr = recv_into(buf, RECV_BUFSIZE, socket.MSG_DONTWAIT)
+            got.append((n, addr, n))
+
+
 class Datapath:
     """Runs a device between a TUN and a UDP socket until :meth:`stop`."""
 
@@ -418,20 +444,7 @@ class Datapath:
         """
         got: list[tuple[int, Any, int]] = []  # (bytes, source, segment size)
         try:
-            if self._gro:
-                recvmsg_into, anc_size = self.sock.recvmsg_into, GRO_CMSG_SPACE
-                for buf in bufs:
-                    n, anc, _, addr = recvmsg_into([buf], anc_size, socket.MSG_DONTWAIT)
-                    seg = n
-                    for level, kind, data in anc:
-                        if level == SOL_UDP and kind == UDP_GRO:
-                            seg = int.from_bytes(data, sys.byteorder) or n
-                    got.append((n, addr, seg))
-            else:
-                recv_into = self.sock.recvfrom_into
-                for buf in bufs:
-                    n, addr = recv_into(buf, RECV_BUFSIZE, socket.MSG_DONTWAIT)
-                    got.append((n, addr, n))
+            recv_batch(self.sock, bufs, self._gro, got)
         except BlockingIOError:
             pass
         except OSError as e:
