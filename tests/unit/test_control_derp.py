@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from asyncwait import wait_for
 from click.testing import CliRunner
 
 from relaymesh import stun
@@ -66,14 +67,6 @@ async def join(srv: ControlServer, name: str) -> TestNode:
     await node.register(key)
     return node
 
-
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def get_nodes(srv: ControlServer, auth: str | None) -> tuple[int, Json]:

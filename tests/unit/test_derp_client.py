@@ -6,10 +6,10 @@ import asyncio
 import datetime
 import ipaddress
 import ssl
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from asyncwait import wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,15 +28,6 @@ from relaymesh.derp.client import (
 )
 from relaymesh.derp.server import DerpServer
 from relaymesh.keys import PrivateKey
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
 
 
 def url_of(srv: DerpServer, scheme: str = "http") -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
+from asyncwait import wait_for
 from nacl.public import Box
 from nacl.public import PrivateKey as NaclPrivateKey
 from nacl.public import PublicKey as NaclPublicKey
@@ -20,14 +21,6 @@ from relaymesh.keys import PrivateKey
 
 PAYLOAD = bytes(range(256)) * 5 + b"x" * 120  # 1400 bytes, like a WireGuard packet
 
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

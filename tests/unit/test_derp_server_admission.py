@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from asyncwait import wait_for
 
 from relaymesh.derp.admission import (
     AdmissionError,
@@ -21,15 +20,6 @@ from relaymesh.derp.client import DerpClient, DerpRefusedError
 from relaymesh.derp.metrics import EvictReason, RefuseReason
 from relaymesh.derp.server import DerpServer
 from relaymesh.keys import PrivateKey
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
 
 
 def url_of(srv: DerpServer) -> str:
