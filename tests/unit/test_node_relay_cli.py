@@ -30,3 +30,15 @@ def test_peer_relay_sessions_lists_names_addresses_and_traffic_each_way() -> Non
                         "1000 B; b -> a 20 pkts 2000 B")
     assert lines[2] == "drops: not_allowed 3"
     assert render_sessions({"port": 1, "sessions": []})[1] == "no sessions"
+
+
+def test_status_columns_widen_so_a_long_via_never_runs_into_the_counters() -> None:
+    via = "peer-relay relay-with-a-long-name (198.18.107.222:40000, session 16777215)"
+    st = {"self": {"addresses": ["100.64.0.2/32"], "name": "a", "user": "alice"},
+          "peers": [{"addresses": ["100.64.0.3/32"], "name": "b", "via": via, "online": True},
+                    {"addresses": ["100.64.0.4/32"], "name": "c", "via": "derp(900)",
+                     "online": True}]}
+    lines = render(st, 0.0)
+    assert f"{via}  tx 0" in lines[1]
+    # every peer's counters start in the same column
+    assert lines[1].index("tx 0") == lines[2].index("tx 0")

@@ -33,15 +33,20 @@ def _via(p: dict[str, Any]) -> str:
 
 
 def render(st: dict[str, Any], now: float) -> list[str]:
+    """One line per node; the name and via columns are as wide as their longest entry, so a
+    ``peer-relay NAME (ip:port, session N)`` never runs into the counters."""
     me = st.get("self") or {}
+    peers = st.get("peers") or []
     relay = me.get("relay_server_port")
-    lines = [f"{_v4(me.get('addresses') or []):<16}{me.get('name') or '-':<20}"
+    name_w = max([20] + [len(str(n.get("name") or "-")) + 2 for n in [me, *peers]])
+    via_w = max([32] + [len(_via(p)) + 2 for p in peers])
+    lines = [f"{_v4(me.get('addresses') or []):<16}{me.get('name') or '-':<{name_w}}"
              f"{me.get('user') or '-':<12}self"
              + (f"  peer relay on UDP {relay}" if relay is not None else "")]
-    for p in st.get("peers") or []:
+    for p in peers:
         lines.append(
-            f"{_v4(p.get('addresses') or []):<16}{p.get('name') or '-':<20}"
-            f"{_via(p):<32}"
+            f"{_v4(p.get('addresses') or []):<16}{p.get('name') or '-':<{name_w}}"
+            f"{_via(p):<{via_w}}"
             f"tx {p.get('tx_bytes', 0)} rx {p.get('rx_bytes', 0)}  "
             f"handshake {_ago(p.get('last_handshake'), now)}  "
             f"{'online' if p.get('online') else 'offline'}"
