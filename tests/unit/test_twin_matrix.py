@@ -8,7 +8,11 @@ NAT (the twin's natcheck), like the daemon's netcheck. Data is a tagged datagram
 ``DiscoManager.route`` says, as the datapath does, so the tests see which path carried it.
 
 Expectations are :func:`relaymesh.lab.grid.expected_path`, the same as the lab matrix
-(tests/lab/test_nat_matrix.py), including easy/hard = DERP (see that module's docstring).
+(tests/lab/test_nat_matrix.py): easy/hard and firewall/hard go direct through the
+birthday-paradox port spray (magicsock.spray), with the twin's hard NAT picking seeded random
+ports from 1024-65535 like ``masquerade fully-random``. Each node learns its own NAT role from
+the STUN check (mapping varies by destination), as the daemon does from netcheck, and opens the
+spray sockets the disco layer asks for as further twin sockets.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from relaymesh.disco import is_disco
 from relaymesh.keys import NodeKey, PrivateKey
 from relaymesh.lab.grid import NAT_KINDS, GridResult, expected_path, write_reports
 from relaymesh.lab.topologies import nat_pair
-from relaymesh.lab.twin import Addr, TwinNetwork
+from relaymesh.lab.twin import Addr, SimSocket, TwinNetwork
 from relaymesh.node.disco import DiscoManager, Send
 from relaymesh.node.netmap import MapNode
 from relaymesh.paths import Path
@@ -60,6 +64,8 @@ class TwinNode:
     node_id: int
     rng: random.Random
     got: list[tuple[str, bytes, float]] = field(default_factory=list)
+    spray_socks: dict[int, SimSocket] = field(default_factory=dict)
+    spray_opened: int = 0
 
     def __post_init__(self) -> None:
         self.node_priv = PrivateKey.generate()
@@ -75,6 +81,10 @@ class TwinNode:
             eps.insert(0, obs.mapped1)
         self.endpoints = eps
         self.disco.set_endpoints(eps)
+        varies = (None if obs.mapped1 is None or obs.mapped2 is None
+                  else obs.mapped1 != obs.mapped2)
+        self.disco.set_nat(obs.mapped1 is not None, varies,
+                           obs.mapped1[0] if obs.mapped1 is not None else "")
         self.derp.nodes[self.key] = self
         self.peer_id = 0
         self._tick()
@@ -93,15 +103,28 @@ class TwinNode:
         self.send(self.disco.set_peers([peer.map_node()], self.now))
 
     def send(self, sends: list[Send]) -> None:
+        opened, closed = self.disco.take_socket_changes()
+        for sid in opened:  # the shell opens what the disco layer names, before sending
+            sock = self.net.socket(self.host)
+            sock.set_receiver(lambda d, src, sid=sid: self.on_udp(d, src, sid))
+            self.spray_socks[sid] = sock
+            self.spray_opened += 1
         for s in sends:
             if s.derp is not None:
                 self.derp.send(self.key, s.derp, s.data)
+            elif s.sock:
+                if s.sock in self.spray_socks:
+                    self.spray_socks[s.sock].sendto(s.data, s.addr)
             else:
                 self.sock.sendto(s.data, s.addr)
+        for sid in closed:
+            sock = self.spray_socks.pop(sid, None)
+            if sock is not None:
+                sock.close()
 
-    def on_udp(self, data: bytes, src: Addr) -> None:
+    def on_udp(self, data: bytes, src: Addr, sock: int = 0) -> None:
         if is_disco(data):
-            sends, _ = self.disco.handle(data, src, self.now)
+            sends, _ = self.disco.handle(data, src, self.now, sock=sock)
             self.send(sends)
         elif data.startswith(b"DATA"):
             self.got.append(("direct", data, self.now))
@@ -119,7 +142,8 @@ class TwinNode:
         direct, region = self.disco.route(self.peer_id, self.now)
         payload = b"DATA%d" % seq
         if direct is not None:
-            self.sock.sendto(payload, direct)
+            sid = self.disco.route_socket(self.peer_id, self.now)
+            (self.spray_socks[sid] if sid else self.sock).sendto(payload, direct)
         if region:
             self.derp.send(self.key, peer.key, payload)
 
@@ -160,6 +184,9 @@ CELLS = [
     ("none", "none"),
     ("easy", "easy"),
     ("easy", "hard"),
+    ("hard", "easy"),
+    ("firewall", "hard"),
+    ("hard", "firewall"),
     ("firewall", "firewall"),
     ("hard", "hard"),
     *[("udp-blocked", k) for k in NAT_KINDS],

@@ -46,7 +46,14 @@ call-me-maybe-via  0x06  relay endpoint description
 bind               0x07  session id (4) + generation (4) + other client's disco key (32)
 challenge          0x08  session id (4) + generation (4) + MAC (32)
 answer             0x09  session id (4) + generation (4) + other client's disco key (32) + MAC (32)
+spray-request      0x0A  public ip (16, IPv4 v4-mapped) + spray sockets (2) + generation (4)
 =================  ====  ==========================================================================
+
+spray-request (birthday-paradox port spray, docs/magicsock.md): the sender is behind an
+endpoint-dependent ("hard") NAT and has just opened ``spray sockets`` (1..MAX_SPRAY_SOCKETS)
+UDP sockets that each pinged the receiver's endpoints; it asks the receiver to ping many random
+ports of ``public ip``. Sent over DERP only; the receiver probes only an ip that is one of the
+sender's known endpoint addresses.
 
 Any unknown type, version, length or out-of-range field raises :class:`DiscoError`; receive loops
 turn it into a counted drop.
@@ -82,6 +89,7 @@ MAX_ENDPOINTS = 64  # bounds call-me-maybe and relay candidates; real nodes have
 MAX_VNI = (1 << 24) - 1  # the relay header carries 24 bits of session id
 MAX_U32 = (1 << 32) - 1
 MAX_U64 = (1 << 64) - 1
+MAX_SPRAY_SOCKETS = 1024  # spray-request socket count bound (magicsock.spray uses 256)
 
 AddrPort = tuple[IPv4Address | IPv6Address, int]
 
@@ -100,6 +108,7 @@ class MessageType(enum.IntEnum):
     BIND = 0x07
     CHALLENGE = 0x08
     ANSWER = 0x09
+    SPRAY_REQUEST = 0x0A
 
 
 def _check_u32(name: str, v: int) -> None:
@@ -205,6 +214,15 @@ class Answer:
     mac: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class SprayRequest:
+    """Hard-NAT side -> EIM peer (over DERP): probe random ports of ``ip`` now."""
+
+    ip: IPv4Address | IPv6Address
+    sockets: int
+    generation: int
+
+
 Message = (
     Ping
     | Pong
@@ -215,6 +233,7 @@ Message = (
     | Bind
     | Challenge
     | Answer
+    | SprayRequest
 )
 
 _U32 = struct.Struct(">I")
@@ -328,6 +347,11 @@ def encode_message(msg: Message) -> bytes:
             if len(mac) != MAC_LEN:
                 raise DiscoError("answer MAC must be 32 bytes")
             body = _sid_gen(sid, gen) + other.raw + mac
+        case SprayRequest(ip, sockets, gen):
+            if not 1 <= sockets <= MAX_SPRAY_SOCKETS:
+                raise DiscoError(f"spray sockets {sockets} out of range")
+            _check_u32("generation", gen)
+            body = encode_addr((ip, 0))[:16] + sockets.to_bytes(2, "big") + _U32.pack(gen)
         case _:
             raise DiscoError(f"not a disco message: {type(msg).__name__}")
     return bytes((_TYPE_OF[type(msg)], VERSION)) + body
@@ -343,6 +367,7 @@ _TYPE_OF: dict[type, int] = {
     Bind: MessageType.BIND,
     Challenge: MessageType.CHALLENGE,
     Answer: MessageType.ANSWER,
+    SprayRequest: MessageType.SPRAY_REQUEST,
 }
 
 
@@ -392,6 +417,13 @@ def decode_message(data: bytes) -> Message:
         if mtype == MessageType.CHALLENGE:
             return Challenge(sid, gen, body[8:40])
         return Answer(sid, gen, DiscoKey(body[8:40]), body[40:72])
+    if mtype == MessageType.SPRAY_REQUEST:
+        _exact(body, 16 + 2 + 4, "spray-request")
+        ip = decode_addr(body[:16] + b"\x00\x00")[0]
+        sockets = int.from_bytes(body[16:18], "big")
+        if not 1 <= sockets <= MAX_SPRAY_SOCKETS:
+            raise DiscoError(f"spray sockets {sockets} out of range")
+        return SprayRequest(ip, sockets, _U32.unpack_from(body, 18)[0])
     raise DiscoError(f"unknown disco message type {mtype:#04x}")
 
 

@@ -129,9 +129,9 @@ def expected_path(kind_a: str, kind_b: str) -> str:
         return "derp"
     if kind_a in UNFILTERED or kind_b in UNFILTERED:
         return "direct"
-    if kind_a in EIM and kind_b in EIM:
-        return "direct"
-    return "derp"
+    if kind_a in EIM or kind_b in EIM:
+        return "direct"  # both EIM: punch; EIM + hard: birthday-paradox port spray
+    return "derp"  # hard/hard: neither side's mapping can be predicted
 
 
 

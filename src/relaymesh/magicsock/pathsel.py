@@ -87,10 +87,13 @@ class Candidate:
     relay: str = ""  # relay node name (or key short form) for peer_relay
     session: int = 0  # relay session id (VNI)
     region: int = 0  # DERP region id
+    sock: int = 0  # which local UDP socket: 0 the node's one socket, else a spray socket id
+    #   (birthday-paradox port spray, magicsock.spray): the NAT mapping lives on that socket
 
     def describe(self) -> str:
         if self.kind is Path.DIRECT and self.addr:
-            return f"direct {self.addr[0]}:{self.addr[1]}"
+            spray = f" (spray socket {self.sock})" if self.sock else ""
+            return f"direct {self.addr[0]}:{self.addr[1]}{spray}"
         if self.kind is Path.PEER_RELAY and self.addr:
             ip, port = self.addr
             return f"peer-relay {self.relay} ({ip}:{port}, session {self.session})"
@@ -182,14 +185,32 @@ class PeerPaths:
     # -- candidates ----------------------------------------------------------------------------
 
     def set_direct_candidates(self, addrs: Iterable[tuple[str, int]]) -> None:
-        """Replace the direct endpoints (from the network map or call-me-maybe)."""
+        """Replace the direct endpoints (from the network map or call-me-maybe). Candidates on
+        a spray socket are not the map's business: they stay until their socket closes."""
         keep = {Candidate(Path.DIRECT, addr=a) for a in addrs}
+        keep |= {c for c in self._paths if c.kind is Path.DIRECT and c.sock}
         self._replace_kind(Path.DIRECT, keep)
 
-    def add_direct_candidate(self, addr: tuple[str, int]) -> None:
-        """Learn an endpoint from a ping's observed source (peer-reflexive candidate)."""
-        c = Candidate(Path.DIRECT, addr=addr)
+    def add_direct_candidate(self, addr: tuple[str, int], sock: int = 0) -> Candidate:
+        """Learn an endpoint from a ping's observed source (peer-reflexive candidate), on our
+        socket ``sock`` (0: the main one)."""
+        c = Candidate(Path.DIRECT, addr=addr, sock=sock)
         self._paths.setdefault(c, _PathState(c))
+        return c
+
+    def remove_sock(self, sock: int) -> None:
+        """A spray socket closed: its candidates go with it."""
+        for c in [c for c in self._paths if c.sock == sock]:
+            self.remove_candidate(c)
+
+    def has_trusted_direct(self, now: float) -> bool:
+        """Whether the chosen path is a trusted direct one (then nobody needs to spray)."""
+        st = self._paths.get(self.best) if self.best else None
+        return st is not None and st.cand.kind is Path.DIRECT and st.trusted(now)
+
+    def is_active(self, now: float) -> bool:
+        """Data went to the peer within SESSION_ACTIVE_TIMEOUT."""
+        return self.last_send is not None and now - self.last_send < SESSION_ACTIVE_TIMEOUT
 
     def set_relay_candidate(
         self,
@@ -277,7 +298,7 @@ class PeerPaths:
     def on_ping_received(self, cand: Candidate, now: float) -> None:
         """The peer pinged us on ``cand``: remember it (peer-reflexive) so we ping it back."""
         if cand.kind is Path.DIRECT and cand.addr is not None:
-            self.add_direct_candidate(cand.addr)
+            self.add_direct_candidate(cand.addr, cand.sock)
 
     def set_policy(self, policy: PathPolicy, now: float) -> list[Action]:
         """Change the path policy; a best path it now forbids is dropped at once, and every

@@ -33,6 +33,15 @@ through a relay is accepted only on a (relay address, session id) we bound for t
 Relay server side: an allocate request that arrives over DERP goes to ``on_allocate`` (the
 daemon's RelayService, which checks the policy for both clients); its sealed answer goes back
 over DERP.
+
+Birthday-paradox port spray (docs/magicsock.md, :mod:`relaymesh.magicsock.spray`): with our
+own netcheck result (:meth:`DiscoManager.set_nat`) a hard-NAT node that has had no direct path to
+an active peer for ``SPRAY_DELAY`` opens spray sockets (ids it names; the shell opens them,
+:meth:`DiscoManager.take_socket_changes`), pings the peer from each and sends a spray-request
+over DERP; an EIM node answers a spray-request by pinging random ports of the sender's public ip
+from its one socket. Every datagram names its local socket (``Send.sock``, ``handle(sock=)``):
+a ping that lands on spray socket i is answered from socket i, and the peer's candidate on it
+carries ``sock=i`` so WireGuard follows (:meth:`DiscoManager.route_socket`).
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from relaymesh.disco import (
     open_sealed,
     seal,
 )
+from relaymesh.disco.codec import SprayRequest
 from relaymesh.keys import DiscoKey, NodeKey, PrivateKey
 from relaymesh.magicsock.pathsel import (
     AllocateRelays,
@@ -66,6 +76,7 @@ from relaymesh.magicsock.pathsel import (
     SendPing,
 )
 from relaymesh.magicsock.sock import usable_endpoint_ip
+from relaymesh.magicsock.spray import Sprayer, SprayStart, role_for
 from relaymesh.node.netmap import MapNode
 from relaymesh.paths import Path
 from relaymesh.relay.header import (
@@ -101,6 +112,7 @@ class Send:
     data: bytes
     addr: tuple[str, int]
     derp: NodeKey | None = None
+    sock: int = 0  # local socket to send from: 0 the node's one socket, else a spray socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +192,12 @@ class DiscoManager:
         self._bound_at: dict[RelayKey, float] = {}
         self._cli_cands: dict[bytes, Candidate] = {}
         self.relay_counters: collections.Counter[str] = collections.Counter()
+        # birthday-paradox spray (magicsock.spray)
+        self.spray = Sprayer(random_bytes)
+        self._spray_txids: dict[bytes, tuple[int, float]] = {}  # EIM side: txid -> (peer, t)
+        self._socks_to_open: list[int] = []
+        self._socks_to_close: list[int] = []
+        self._probe_payload: dict[int, bytes] = {}  # EIM side: peer -> the sealed probe ping
 
     # -- peers ----------------------------------------------------------------------------------
 
@@ -208,6 +226,8 @@ class DiscoManager:
                     out += self._reprobe(p, now)
         for pid in [pid for pid in self._peers if pid not in seen]:
             del self._peers[pid]
+            self.spray.forget_peer(pid)
+            self._socks_to_close += self.spray.take_closed()
         for k in [k for k, (pid, _) in self._relay_paths.items() if pid not in self._peers]:
             del self._relay_paths[k]
         self._bound_at = {k: t for k, t in self._bound_at.items() if k in self._relay_paths}
@@ -262,6 +282,18 @@ class DiscoManager:
         for p in self._peers.values():
             p.paths.derp_region = self._region_for(p.node)
 
+    def set_nat(self, udp: bool, mapping_varies: bool | None, public_ip: str = "") -> None:
+        """Our own netcheck result: whether we spray (hard), probe (EIM) or neither."""
+        self.spray.role = role_for(udp, mapping_varies)
+        self.spray.public_ip = public_ip if udp else ""
+
+    def take_socket_changes(self) -> tuple[list[int], list[int]]:
+        """Spray socket ids the shell must open (before sending this call's datagrams) and
+        close. Datagrams for a socket id that is not open are dropped by the shell."""
+        o, c = self._socks_to_open, self._socks_to_close
+        self._socks_to_open, self._socks_to_close = [], []
+        return o, c
+
     def set_endpoints(self, endpoints: Iterable[tuple[str, int]]) -> None:
         """Our own direct endpoints (local addresses and the STUN mapping) for call-me-maybe."""
         self.endpoints = list(endpoints)[:MAX_ENDPOINTS]
@@ -281,11 +313,17 @@ class DiscoManager:
     # -- I/O events -----------------------------------------------------------------------------
 
     def handle(
-        self, data: bytes, src: tuple[str, int], now: float, *, via_derp: int = 0
+        self, data: bytes, src: tuple[str, int], now: float, *, via_derp: int = 0, sock: int = 0
     ) -> tuple[list[Send], list[PingResult]]:
-        """One disco datagram from UDP ``src``, or over DERP (``via_derp`` = the region it came
-        through; ``src`` is then ignored). Never raises."""
+        """One disco datagram from UDP ``src`` on local socket ``sock`` (0: the node's one
+        socket, else a spray socket), or over DERP (``via_derp`` = the region it came through;
+        ``src`` is then ignored). Never raises."""
+        if sock and via_derp:
+            sock = 0
         if data[:1] == b"\x00" and not via_derp:
+            if sock:
+                self.drops["spray_not_disco"] += 1
+                return [], []
             return self._handle_relayed(data, src, now)
         try:
             sender, msg = open_sealed(data, self._priv)
@@ -297,6 +335,8 @@ class DiscoManager:
             self.drops["unknown_sender"] += 1
             return [], []
         peer = self._peers[pid]
+        if sock:
+            return self._handle_on_spray_sock(peer, pid, msg, src, sock, now)
         if isinstance(msg, Ping):
             if msg.node_key != peer.node.node_key:
                 self.drops["ping_node_key_mismatch"] += 1
@@ -312,7 +352,11 @@ class DiscoManager:
             # the peer is looking for us: if we have no path to it yet, look for it too
             return [Send(seal(pong, self._priv, sender), src), *self._reprobe(peer, now)], []
         if isinstance(msg, Pong):
+            if msg.tx_id in self._spray_txids:
+                return self._on_spray_pong(peer, pid, msg, src, now)
             return self._on_pong(peer, pid, msg, now)
+        if isinstance(msg, SprayRequest) and via_derp:
+            return self._on_spray_request(peer, pid, msg, now), []
         if isinstance(msg, CallMeMaybe):
             # the peer is pinging these endpoints of ours right now: ping it back on each of its
             # endpoints so both NATs open toward each other at the same time
@@ -329,6 +373,159 @@ class DiscoManager:
             return self._on_call_me_maybe_via(peer, sender, msg.endpoint, now), []
         self.drops[f"unhandled_{type(msg).__name__}"] += 1
         return [], []
+
+    # -- birthday-paradox spray ---------------------------------------------------------------
+
+    def _handle_on_spray_sock(self, peer: _Peer, pid: int, msg: object, src: Addr, sock: int,
+                              now: float) -> tuple[list[Send], list[PingResult]]:
+        """Disco from the peer on spray socket ``sock``: the first hit wins the spray; a ping
+        is answered from the same socket, and the peer's address on it becomes a candidate
+        that we probe at once (from that socket)."""
+        if not self.spray.claim(sock, pid):
+            self.drops["spray_socket_not_winner"] += 1
+            return [], []
+        out: list[Send] = []
+        disco = peer.node.disco_key
+        if isinstance(msg, Ping):
+            if msg.node_key != peer.node.node_key or disco is None:
+                self.drops["ping_node_key_mismatch"] += 1
+                return [], []
+            self.pings_answered += 1
+            pong = Pong(msg.tx_id, (ipaddress.ip_address(src[0]), src[1]))
+            out.append(Send(seal(pong, self._priv, disco), src, sock=sock))
+        elif isinstance(msg, Pong):
+            if msg.tx_id in self._cli_pings:
+                return self._on_pong(peer, pid, msg, now)
+            if peer.paths.on_pong(msg.tx_id, now):
+                return [], []
+            # a pong to one of the spray pings themselves (the peer's NAT let it in)
+        else:
+            self.drops[f"spray_unhandled_{type(msg).__name__}"] += 1
+            return [], []
+        cand = peer.paths.add_direct_candidate(src, sock)
+        if not peer.paths.is_trusted(cand, now):
+            out += self._actions(peer, peer.paths.probe(cand, now), now)
+        return out, []
+
+    def _on_spray_pong(self, peer: _Peer, pid: int, msg: Pong, src: Addr,
+                       now: float) -> tuple[list[Send], list[PingResult]]:
+        """EIM side: one of our random-port probes landed on the peer's spray socket."""
+        owner, _ = self._spray_txids[msg.tx_id]
+        if owner != pid:
+            self.drops["pong_wrong_peer"] += 1
+            return [], []
+        self.spray.stop_round(pid)
+        self.spray.counters["probe_hits"] = self.spray.counters.get("probe_hits", 0) + 1
+        cand = peer.paths.add_direct_candidate(src)
+        if peer.paths.is_trusted(cand, now):
+            return [], []
+        return self._actions(peer, peer.paths.probe(cand, now), now), []
+
+    def _on_spray_request(self, peer: _Peer, pid: int, msg: SprayRequest,
+                          now: float) -> list[Send]:
+        """EIM side: probe random ports of the peer's public ip (only an ip it reported)."""
+        ip = str(msg.ip)
+        known = {a[0] for a in peer.node.endpoints} | {
+            c.addr[0] for c in peer.paths.candidates()
+            if c.kind is Path.DIRECT and c.addr is not None and not c.sock}
+        why = self.spray.accept_request(
+            pid, ip, now, ip_known=ip in known,
+            direct_allowed=peer.paths.policy is not PathPolicy.NO_DIRECT)
+        if why is not None:
+            self.drops[f"spray_{why}"] += 1
+            return []
+        rnd = self.spray.round_of(pid)
+        disco = peer.node.disco_key
+        if rnd is None or disco is None:
+            return []
+        txid = self._rand(TXID_LEN)
+        self._probe_payload[pid] = self._seal_ping(txid, disco)  # one ping for every probe
+        self._spray_txids[txid] = (pid, now)
+        return self._due_probes(now)
+
+    def _due_probes(self, now: float) -> list[Send]:
+        out: list[Send] = []
+        for pid, ip, ports in self.spray.due_probes(now):
+            payload = self._probe_payload.get(pid)
+            if payload is not None and pid in self._peers:
+                out += [Send(payload, (ip, port)) for port in ports]
+        return out
+
+    def _start_spray(self, p: _Peer, st: SprayStart, targets: list[Addr]) -> list[Send]:
+        """Hard side: ping the peer's endpoints from every new spray socket, then ask the peer
+        (over DERP) to probe our public ip."""
+        disco = p.node.disco_key
+        region = p.paths.derp_region
+        if disco is None or not region:
+            return []
+        self._socks_to_open += st.socks
+        ping = self._seal_ping(self._rand(TXID_LEN), disco)
+        out = [Send(ping, t, sock=s) for s in st.socks for t in targets]
+        req = SprayRequest(ipaddress.ip_address(self.spray.public_ip), len(st.socks),
+                           st.generation)
+        out.append(Send(seal(req, self._priv, disco), (DERP_HOST, region),
+                        derp=p.node.node_key))
+        return out
+
+    def _spray_targets(self, p: _Peer) -> list[Addr]:
+        seen: list[Addr] = []
+        for a in [*p.node.endpoints, *(c.addr for c in p.paths.candidates()
+                                       if c.kind is Path.DIRECT and c.addr and not c.sock)]:
+            if a is not None and a not in seen:
+                seen.append(a)
+        return seen[: self.spray.config.max_targets]
+
+    def _spray_tick(self, now: float) -> list[Send]:
+        out: list[Send] = []
+        for pid, p in self._peers.items():
+            targets = self._spray_targets(p)
+            st = self.spray.consider(
+                pid, now, active=p.paths.is_active(now),
+                direct=p.paths.has_trusted_direct(now),
+                can_spray=bool(targets) and bool(p.paths.derp_region)
+                and p.node.disco_key is not None
+                and p.paths.policy is not PathPolicy.NO_DIRECT)
+            if st is not None:
+                out += self._start_spray(p, st, targets)
+        closed = self.spray.tick(now, lambda pid, sock: self._spray_sock_in_use(pid, sock, now))
+        for s in closed:
+            for p in self._peers.values():
+                p.paths.remove_sock(s)
+        self._socks_to_close += closed
+        out += self._due_probes(now)
+        for t in [t for t, (_, at) in self._spray_txids.items()
+                  if now - at > self.spray.config.window]:
+            del self._spray_txids[t]
+        self._probe_payload = {pid: v for pid, v in self._probe_payload.items()
+                               if self.spray.round_of(pid) is not None}
+        return out
+
+    def _spray_sock_in_use(self, pid: int, sock: int, now: float) -> bool:
+        p = self._peers.get(pid)
+        if p is None:
+            return False
+        return any(c.kind is Path.DIRECT and c.sock == sock for c in p.paths.route(now))
+
+    def route_socket(self, peer_id: int, now: float) -> int:
+        """The local socket of the peer's direct route: 0 (the node's one socket) or a spray
+        socket id."""
+        p = self._peers.get(peer_id)
+        if p is None:
+            return 0
+        for c in p.paths.route(now):
+            if c.kind is Path.DIRECT:
+                return c.sock
+        return 0
+
+    def spray_inbound(self) -> dict[tuple[int, Addr], bytes]:
+        """(spray socket id, peer address) -> the peer's raw node key, for every candidate on a
+        spray socket: inbound WireGuard on that socket from that address is that peer's."""
+        out: dict[tuple[int, Addr], bytes] = {}
+        for p in self._peers.values():
+            for c in p.paths.candidates():
+                if c.sock and c.addr is not None:
+                    out[(c.sock, c.addr)] = p.node.node_key.raw
+        return out
 
     def _on_pong(self, peer: _Peer, pid: int, msg: Pong,
                  now: float) -> tuple[list[Send], list[PingResult]]:
@@ -564,6 +761,7 @@ class DiscoManager:
         out: list[Send] = []
         for p in self._peers.values():
             out += self._actions(p, p.paths.tick(now), now)
+        out += self._spray_tick(now)
         return out
 
     def cli_ping(self, peer_id: int, now: float) -> tuple[list[bytes], list[Send]]:
@@ -595,7 +793,7 @@ class DiscoManager:
                 self._cli_cands[txid] = cand
                 data = self._relay_hdr(cand.session) + data
             derp = p.node.node_key if addr[0] == DERP_HOST else None
-            out.append(Send(data, addr, derp=derp))
+            out.append(Send(data, addr, derp=derp, sock=cand.sock if cand is not None else 0))
         return txids, out
 
     def forget_pings(self, txids: Iterable[bytes]) -> None:
@@ -653,6 +851,9 @@ class DiscoManager:
 
     def next_deadline(self) -> float | None:
         ds = [d for p in self._peers.values() if (d := p.paths.next_deadline()) is not None]
+        sd = self.spray.next_deadline()
+        if sd is not None:
+            ds.append(sd)
         return min(ds) if ds else None
 
     # -- internals ------------------------------------------------------------------------------
@@ -678,7 +879,8 @@ class DiscoManager:
         for a in actions:
             if isinstance(a, SendPing) and a.cand.kind is Path.DIRECT and a.cand.addr:
                 if disco is not None:
-                    out.append(Send(self._seal_ping(a.txid, disco), a.cand.addr))
+                    out.append(Send(self._seal_ping(a.txid, disco), a.cand.addr,
+                                    sock=a.cand.sock))
             elif isinstance(a, SendPing) and a.cand.kind is Path.PEER_RELAY and a.cand.addr:
                 if disco is not None:
                     data = self._relay_hdr(a.cand.session) + self._seal_ping(a.txid, disco)
