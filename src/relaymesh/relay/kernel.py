@@ -32,14 +32,28 @@ Layout (all names ours; ``<ip>`` with dots as underscores)::
 
 Per-client limits are named nft ``limit`` objects (``lp_<client>`` packets, ``lb_<client>``
 bytes, shared by all of that client's flows, like the core's token buckets). Counters are named
-per flow and read with ``nft -j list counters``; :meth:`KernelPath.sync` credits them to the core
+per flow and read as JSON (``list counters``); :meth:`KernelPath.sync` credits them to the core
 (packets, bytes, last-seen: so a kernel-forwarded session does not idle out) and counts the
 over-limit drops as ``rate_limited``.
+
+Lifetime: the table is created with ``flags owner`` (Linux 5.12+) through one libnftables context
+(:mod:`relaymesh.relay.nftlib`, ctypes) that the :class:`KernelPath` keeps for its whole life.
+The kernel deletes an owned table when the netlink socket that created it closes, so when the
+relay process dies, even by SIGKILL, its forwarding dies with it: no stale rules keep forwarding
+for a relay that clients should see as dead, and nothing is left for anybody to clean up. Only
+the owner may change an owned table, so every update and every counter read goes through that
+context. A table of the same name left by an older version (no owner flag) is deleted at start;
+one owned by another live process (a second relay in the same namespace) makes start fail, and the
+relay then forwards in userspace. With ``netns`` the context is created inside that namespace (see
+nftlib); the daemon runs inside its own namespace and passes none. Beware: nft 1.0.6 prints the
+JSON of a table with flags garbled (``nft -j list table``/``list ruleset``, sometimes invalid JSON);
+list its maps, chains and counters instead (as :meth:`KernelPath.read_counters` does).
 
 Limits: IPv4 only (IPv6 and mixed-family sessions stay in userspace), and a flow towards the relay
 host itself stays in userspace (locally delivered packets never pass postrouting, so their source
 could not be rewritten); the host must forward IPv4
-(``net.ipv4.ip_forward=1``, set by :meth:`KernelPath.start` and restored by ``stop``) and no other
+(``net.ipv4.ip_forward=1``, set by :meth:`KernelPath.start` and restored by ``stop``, though not
+after a SIGKILL) and no other
 ruleset may drop forwarded traffic; rules follow the core within one sync interval (a re-bind or an
 expiry is applied at the next sync, which the service also triggers on every bind).
 """
@@ -49,13 +63,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 
+from relaymesh.relay import nftlib
 from relaymesh.relay.session import Addr, RelayLimits, RelayServer, SessionStats, State
 
 log = logging.getLogger(__name__)
@@ -63,7 +77,7 @@ log = logging.getLogger(__name__)
 TABLE = "relaymesh_relay"
 FAMILY = "inet"
 MIN_DATA_UDP_LEN = 16  # UDP header (8) + relay header (8): anything shorter is userspace's drop
-NFT_TIMEOUT = 10.0  # s for one nft invocation
+CMD_TIMEOUT = 10.0  # s for one helper command (sysctl, ip route get)
 IP_FORWARD = "net.ipv4.ip_forward"
 NFT_LIMIT_MAX = (1 << 32) - 1  # nft_limit computes burst * NSEC_PER_SEC in 64 bits: keep it small
 
@@ -143,7 +157,7 @@ def ruleset(port: int, flows: Sequence[Flow], limits: RelayLimits,
     counters = sorted({n for f in flows for n in (f.counter, f.drop_counter)})
     clients = sorted({f.client for f in flows})
     lines = [
-        f"add table {t}",
+        f"add table {t} {{ flags owner; }}",  # owned: the kernel drops it when we die
         f"add map {t} pre_flows {{ type ipv4_addr . inet_service : verdict; }}",
         f"add map {t} post_flows "
         f"{{ type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }}",
@@ -210,8 +224,9 @@ class KernelStats:
 class KernelPath:
     """Keeps ``table inet relaymesh_relay`` in step with a :class:`RelayServer`'s bound sessions.
 
-    ``netns`` runs every command inside that network namespace (tests, lab); ``relay_ip`` fixes
-    the relay's source address instead of asking the routing table per destination.
+    ``netns`` makes the table (and the helper commands) act in that network namespace (tests,
+    lab); ``relay_ip`` fixes the relay's source address instead of asking the routing table per
+    destination.
     """
 
     def __init__(self, port: int, limits: RelayLimits, *, netns: str | None = None,
@@ -223,6 +238,7 @@ class KernelPath:
         self.set_forwarding = set_forwarding
         self.stats = KernelStats()
         self._prefix = ["ip", "netns", "exec", netns] if netns else []
+        self._nft_ctx: nftlib.Nft | None = None  # owns the table: one for the whole life
         self._flows: list[Flow] = []
         self._chains: set[str] = set()
         self._objects: set[tuple[str, str]] = set()
@@ -235,17 +251,17 @@ class KernelPath:
     # ---- availability and lifecycle ---------------------------------------------------------
     @staticmethod
     def unavailable_reason() -> str | None:
-        """Why the kernel path cannot run here (None: it can)."""
+        """Why the kernel path cannot run here (None: it can, as far as we can tell up front;
+        a kernel without owned tables or a missing capability shows at :meth:`start`)."""
         if os.geteuid() != 0:
-            return "not root"
-        if shutil.which("nft") is None:
-            return "nft (nftables) not installed"
-        return None
+            return "not root (nftables needs CAP_NET_ADMIN)"
+        return nftlib.available()
 
-    def _run(self, cmd: Sequence[str], input: str | None = None) -> str:
+    def _run(self, cmd: Sequence[str]) -> str:
+        """A helper command (sysctl, ip) in our namespace; not nftables (that is the context)."""
         try:
-            cp = subprocess.run([*self._prefix, *cmd], input=input, capture_output=True,
-                                text=True, timeout=NFT_TIMEOUT, check=False)
+            cp = subprocess.run([*self._prefix, *cmd], capture_output=True, text=True,
+                                timeout=CMD_TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise KernelPathError(f"{cmd[0]}: {e}") from e
         if cp.returncode != 0:
@@ -253,33 +269,81 @@ class KernelPath:
         return cp.stdout
 
     def _nft(self, script: str) -> None:
-        self._run(["nft", "-f", "-"], input=script)
+        ctx = self._nft_ctx
+        if ctx is None:
+            raise KernelPathError("nftables context closed")
+        try:
+            ctx.run(script)
+        except nftlib.NftError as e:
+            raise KernelPathError(f"nft: {e}") from e
 
     def start(self) -> None:
-        """Install an empty table (replacing a leftover one) and enable IPv4 forwarding.
+        """Install an empty owned table (replacing a leftover one) and enable IPv4 forwarding.
 
-        Raises KernelPathError when nftables is unusable; the caller then stays in userspace.
+        Raises KernelPathError when nftables is unusable (no libnftables, no CAP_NET_ADMIN, a
+        kernel without owned tables, the table owned by another live process); the caller then
+        stays in userspace.
         """
         reason = self.unavailable_reason()
         if reason is not None:
             raise KernelPathError(reason)
+        try:
+            self._nft_ctx = nftlib.Nft(self.netns)
+        except nftlib.NftError as e:
+            raise KernelPathError(str(e)) from e
         t = f"{FAMILY} {TABLE}"
-        self._nft(f"add table {t}\ndelete table {t}\n" + ruleset(self.port, [], self.limits))
-        if self.set_forwarding:
-            self._old_forward = self._run(["sysctl", "-n", IP_FORWARD]).strip()
-            if self._old_forward != "1":
-                self._run(["sysctl", "-qw", f"{IP_FORWARD}=1"])
+        try:
+            # One transaction: a leftover table of the same name (an older version's, unowned)
+            # goes, the owned skeleton comes. If another live process owns the table, the
+            # delete fails with EPERM and nothing changes.
+            try:
+                skeleton = ruleset(self.port, [], self.limits)
+                self._nft(f"add table {t}\ndelete table {t}\n{skeleton}")
+            except KernelPathError as e:
+                if "Operation not permitted" in str(e):
+                    raise KernelPathError(
+                        f"not permitted: table {t} owned by another live process (another relay "
+                        f"in this network namespace?) or no CAP_NET_ADMIN: {e}") from e
+                raise
+            self._check_owned()
+            if self.set_forwarding:
+                self._old_forward = self._run(["sysctl", "-n", IP_FORWARD]).strip()
+                if self._old_forward != "1":
+                    self._run(["sysctl", "-qw", f"{IP_FORWARD}=1"])
+        except KernelPathError:
+            self._close_ctx()
+            raise
         self._started = True
+
+    def _check_owned(self) -> None:
+        """Refuse to run on a kernel that accepted the table but not its owner flag: rules that
+        would outlive the process are exactly what the flag is for. (Text listing: nft 1.0.6
+        prints broken JSON for a table with flags.)"""
+        ctx = self._nft_ctx
+        assert ctx is not None
+        try:
+            text = ctx.run(f"list table {FAMILY} {TABLE}")
+        except nftlib.NftError as e:
+            raise KernelPathError(f"nft: {e}") from e
+        if not any(line.split() == ["flags", "owner"] for line in text.splitlines()):
+            raise KernelPathError("the kernel did not keep the table's owner flag (Linux < 5.12?)")
+
+    def _close_ctx(self) -> None:
+        ctx, self._nft_ctx = self._nft_ctx, None
+        if ctx is not None:
+            ctx.close()  # the socket closes: the kernel drops whatever table it still owned
 
     def stop(self) -> None:
         """Remove the table (sessions fall back to userspace) and restore forwarding."""
         if not self._started:
             return
         self._started = False
-        try:
-            self._nft(f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
-        except KernelPathError as e:
-            log.warning("relay kernel path: removing the table failed: %s", e)
+        with self._sync_lock:  # a sync running on another thread finishes first
+            try:
+                self._nft(f"delete table {FAMILY} {TABLE}\n")
+            except KernelPathError as e:
+                log.warning("relay kernel path: removing the table failed: %s", e)
+            self._close_ctx()
         if self._old_forward is not None and self._old_forward != "1":
             try:
                 self._run(["sysctl", "-qw", f"{IP_FORWARD}={self._old_forward}"])
@@ -310,7 +374,13 @@ class KernelPath:
 
     def read_counters(self) -> dict[str, tuple[int, int]]:
         """Every named counter of our table: name -> (packets, bytes)."""
-        out = json.loads(self._run(["nft", "-j", "list", "counters", "table", FAMILY, TABLE]))
+        ctx = self._nft_ctx
+        if ctx is None:
+            raise KernelPathError("nftables context closed")
+        try:
+            out = ctx.run_json(f"list counters table {FAMILY} {TABLE}")
+        except nftlib.NftError as e:
+            raise KernelPathError(f"nft: {e}") from e
         res: dict[str, tuple[int, int]] = {}
         for item in out.get("nftables", []):
             c = item.get("counter")
@@ -327,6 +397,8 @@ class KernelPath:
         if not self._started:
             return
         with self._sync_lock:
+            if not self._started:  # stopped while we waited
+                return
             try:
                 self._sync(server, lock, clock)
             except KernelPathError as e:
