@@ -170,14 +170,15 @@ def test_ruleset_deletes_what_is_no_longer_needed() -> None:
     assert "delete chain inet relaymesh_relay s_198_18_1_2_4000" not in text
 
 
-def test_no_kernel_flow_towards_the_relay_host_itself() -> None:
+def test_no_kernel_flow_from_or_towards_the_relay_host_itself() -> None:
     a, local = ("198.18.1.2", 4000), ("198.18.3.2", 41641)  # B is the relay's own node
+    c, d = ("198.18.4.2", 4001), ("198.18.5.2", 5001)  # another session, between two others
 
     def route(dst: str) -> str:
         return dst if dst == local[0] else "198.18.3.2"  # `ip route get` of a local address
 
-    flows = flows_for([_stats(7, State.BOUND, a, local)], route)
-    assert [(f.src, f.dst) for f in flows] == [(local, a)]
+    flows = flows_for([_stats(7, State.BOUND, a, local), _stats(8, State.BOUND, c, d)], route)
+    assert [(f.session_id, f.src, f.dst) for f in flows] == [(8, c, d), (8, d, c)]
 
 
 def test_two_sessions_from_one_source_share_its_chain() -> None:

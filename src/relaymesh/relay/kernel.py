@@ -49,9 +49,10 @@ nftlib); the daemon runs inside its own namespace and passes none. Beware: nft 1
 JSON of a table with flags garbled (``nft -j list table``/``list ruleset``, sometimes invalid JSON);
 list its maps, chains and counters instead (as :meth:`KernelPath.read_counters` does).
 
-Limits: IPv4 only (IPv6 and mixed-family sessions stay in userspace), and a flow towards the relay
-host itself stays in userspace (locally delivered packets never pass postrouting, so their source
-could not be rewritten); the host must forward IPv4
+Limits: IPv4 only (IPv6 and mixed-family sessions stay in userspace), and both directions between
+the relay host's own node and its peer stay in userspace (locally delivered packets never pass
+postrouting, so their source could not be rewritten; locally generated ones carry their local route
+through prerouting, so a destination rewrite would not forward them); the host must forward IPv4
 (``net.ipv4.ip_forward=1``, set by :meth:`KernelPath.start` and restored by ``stop``, though not
 after a SIGKILL) and no other
 ruleset may drop forwarded traffic; rules follow the core within one sync interval (a re-bind or an
@@ -122,7 +123,8 @@ def flows_for(
     sessions: Iterable[SessionStats], relay_ip_for: Callable[[str], str | None]
 ) -> list[Flow]:
     """The flows the kernel should forward: both directions of every bound IPv4 session, except
-    a direction whose destination is the relay host itself (``relay_ip_for(dst) == dst``)."""
+    a direction from or to the relay host itself (``relay_ip_for(x) == x``: the route to a local
+    address has that address as its source)."""
     flows: list[Flow] = []
     for st in sessions:
         a, b = st.addrs
@@ -131,6 +133,12 @@ def flows_for(
         if not (_is_v4(a[0]) and _is_v4(b[0])):
             continue
         for side, (src, dst) in enumerate(((a, b), (b, a))):
+            # A source on the relay host itself (a relay serving its own node) sends locally
+            # generated packets: they reach prerouting through lo with their local-delivery
+            # route already attached, so a destination rewrite there would deliver them locally,
+            # to no socket. Userspace forwards that flow.
+            if relay_ip_for(src[0]) == src[0]:
+                continue
             rip = relay_ip_for(dst[0])
             # A destination on the relay host itself (a relay serving its own node) would get
             # the packet delivered locally with the sender's source, never source-rewritten

@@ -181,6 +181,8 @@ class RelayService:
             return
         self.kernel = kp
         self.kernel_reason = None
+        log.info("relay: kernel fast path on (nftables table owned by this process: it goes "
+                 "when the process does)")
         t = threading.Thread(target=self._sync_loop, name="relay-kernel-sync", daemon=True)
         self._sync_thread = t
         t.start()
