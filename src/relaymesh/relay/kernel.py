@@ -413,9 +413,26 @@ class KernelPath:
                 self.stats.errors += 1
                 log.warning("relay kernel path: sync failed: %s", e)
 
-    def _sync(self, server: RelayServer, lock: threading.Lock,
-              clock: Callable[[], float]) -> None:
-        counters = self.read_counters() if self._flows else {}
+    def refresh(self, server: RelayServer, lock: threading.Lock,
+                clock: Callable[[], float]) -> None:
+        """Credit the kernel's counters to the core now, without touching the rules: listings
+        and metrics call this so they are current, not up to one sync interval behind."""
+        if not self._started:
+            return
+        with self._sync_lock:
+            if not self._started:
+                return
+            try:
+                self._credit(server, lock, clock)
+            except KernelPathError as e:
+                self.stats.errors += 1
+                log.warning("relay kernel path: reading counters failed: %s", e)
+
+    def _credit(self, server: RelayServer, lock: threading.Lock,
+                clock: Callable[[], float]) -> None:
+        if not self._flows:
+            return
+        counters = self.read_counters()
         with lock:
             now = clock()
             for f in self._flows:
@@ -435,6 +452,11 @@ class KernelPath:
                         server.drops["rate_limited"] += dcur[0] - ld
                         self.stats.rate_limited += dcur[0] - ld
                     self._last[f.drop_counter] = dcur
+
+    def _sync(self, server: RelayServer, lock: threading.Lock,
+              clock: Callable[[], float]) -> None:
+        self._credit(server, lock, clock)
+        with lock:
             sessions = server.metrics(with_sessions=True).sessions
         flows = flows_for(sessions, self._relay_ip_for)
         self.stats.syncs += 1

@@ -218,6 +218,13 @@ class RelayService:
             except Exception:  # never let the sync thread die silently
                 log.exception("relay: kernel sync failed")
 
+    def _refresh_kernel(self) -> None:
+        """Kernel-forwarded traffic credited now, so a listing or a scrape is current (one
+        netlink counter dump; a sync would be up to ``sync_interval`` behind)."""
+        kp, shell = self.kernel, self.shell
+        if kp is not None and shell is not None:
+            kp.refresh(shell.server, shell.lock, self.clock)
+
     def sync_kernel(self) -> None:
         """Run one kernel sync now (tests; the sync thread does this on its own)."""
         if self.kernel is not None and self.shell is not None:
@@ -306,6 +313,7 @@ class RelayService:
         shell = self.shell
         if shell is None:
             return []
+        self._refresh_kernel()
         with shell.lock:
             stats = shell.server.metrics(with_sessions=True).sessions
         in_kernel = set() if self.kernel is None else {f.session_id for f in self.kernel.flows}
@@ -324,6 +332,7 @@ class RelayService:
         shell = self.shell
         if shell is None:
             return {"running": False}
+        self._refresh_kernel()
         with shell.lock:
             m = shell.server.metrics()
         c = shell.counters
