@@ -6,17 +6,18 @@ in one tailnet. IPv4 underlay only (see MeshLab.start_node: over the lab's route
 punches through). Each cell is asserted with ``status --json`` on both sides, ``ping`` (disco)
 and a TCP echo through the tunnel.
 
-Expectations follow ``expected_path`` (the NAT behaviour): the issue's list plus one deviation,
-easy/hard, which is DERP here. The lab's ``easy`` NAT is Linux masquerade: endpoint-independent
-mapping but address-AND-port-dependent filtering (conntrack); the ``hard`` side's mapping toward
-the easy side gets a fresh random port, which the easy side cannot know, so its filter drops
-every ping from it, and the hard side's filter drops pings to the STUN-learned port. Direct
-easy/hard needs endpoint-independent filtering on the easy side (see none/hard, one2one/hard in
-docs/nat-grid.md) or port-guessing, which relaymesh does not do.
+Expectations follow ``expected_path`` (the NAT behaviour), the issue's list. easy/hard and
+firewall/hard need the birthday-paradox port spray (relaymesh.magicsock.spray): the lab's
+``easy`` NAT filters by address AND port (conntrack) and the ``hard`` side's mapping toward it
+gets a fresh random port, so the ordinary punch cannot meet; the hard side opens 256 spray
+sockets and the easy side probes 2048 random ports of its public ip. Those cells also assert
+that the hard side's direct path lives on a spray socket (``via`` says so) and that the spray
+counters in the daemon's metrics show one spray and one hit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -29,12 +30,15 @@ from relaymesh.lab.grid import (
     SINK_PORT,
     SINK_SERVER,
     STREAM_CLIENT,
+    UNFILTERED,
     MeshLab,
     expected_path,
     pair_topology,
     start_mesh,
     until,
 )
+from relaymesh.lab.scenario import ScenarioError
+from relaymesh.magicsock.spray import SPRAY_WINDOW
 
 pytestmark = pytest.mark.lab
 
@@ -42,6 +46,7 @@ CELLS = [
     ("none", "none"),
     ("easy", "easy"),
     ("easy", "hard"),
+    ("firewall", "hard"),
     ("firewall", "firewall"),
     ("hard", "hard"),
     ("udp-blocked", "easy"),
@@ -77,6 +82,20 @@ def test_nat_matrix_cell(mesh: MeshLab, cell: int) -> None:
     assert (f"via {'direct(' if want == 'direct' else 'derp(1)'}") in ping, ping
     again = mesh.echo(a, b, deadline=10)
     assert again["ok"], again
+    if "hard" in (ka, kb) and want == "direct" and not {ka, kb} & UNFILTERED:
+        hard, other = (a, b) if ka == "hard" else (b, a)
+        via = str((mesh.peer(hard, other) or {}).get("via"))
+        assert "(spray socket " in via, via  # the path lives on the winning spray socket
+        spray = mesh.metrics(hard)["spray"]
+        assert spray.get("sprays", 0) >= 1 and spray.get("hits", 0) >= 1, spray
+        # the losing sockets close after the spray window; the winner stays while it is used
+        with contextlib.suppress(ScenarioError):
+            until(lambda: mesh.metrics(hard)["spray"]["open_sockets"] == 1, SPRAY_WINDOW + 3,
+                  "only the winning spray socket left open")
+        spray = mesh.metrics(hard)["spray"]
+        assert spray["open_sockets"] == 1, spray
+        assert "(spray socket " in str((mesh.peer(hard, other) or {}).get("via"))
+        assert mesh.echo(a, b, deadline=10)["ok"]
 
 
 def test_starts_on_derp_and_switches_to_direct_under_a_tcp_stream(mesh: MeshLab) -> None:

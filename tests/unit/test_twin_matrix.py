@@ -139,6 +139,7 @@ class TwinNode:
     def send_data(self, peer: TwinNode, seq: int) -> None:
         """One data packet where the route says (both while mirroring), like the datapath."""
         self.send(self.disco.note_activity(self.peer_id, self.now))
+        self.disco.note_data(self.peer_id, self.now)
         direct, region = self.disco.route(self.peer_id, self.now)
         payload = b"DATA%d" % seq
         if direct is not None:

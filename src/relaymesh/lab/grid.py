@@ -30,7 +30,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ EIM = frozenset({"none", "firewall", "easy", "one2one"})  # one public ip:port f
 CTL_PORT = 8080
 DERP_PORT = 3340
 STUN_PORT = 3478
+STUN_PORT_2 = 3479  # a second STUN destination on srv (start_mesh): netcheck's mapping check
 WG_PORT = 41641
 ECHO_PORT = 7777
 SINK_PORT = 7778
@@ -77,6 +78,18 @@ ECHO_SERVER = textwrap.dedent("""
         except TimeoutError:
             continue
         threading.Thread(target=serve, args=(c,), daemon=True).start()
+""")
+
+
+# A STUN responder alone (relaymesh.stunserver) on the given UDP port.
+STUN_SERVER = textwrap.dedent("""
+    import asyncio, sys
+    from relaymesh.stunserver import start_stun_server
+    async def main():
+        await start_stun_server("0.0.0.0", int(sys.argv[1]))
+        print("ready", flush=True)
+        await asyncio.sleep(3600)
+    asyncio.run(main())
 """)
 
 
@@ -135,12 +148,16 @@ def expected_path(kind_a: str, kind_b: str) -> str:
 
 
 
-def derp_map(regions: Sequence[tuple[int, Sequence[tuple[str, str]]]]) -> dict[str, Any]:
-    """A DERP map: [(region id, [(node name, host address)])], lab ports, no TLS."""
+def derp_map(regions: Sequence[tuple[int, Sequence[tuple[str, str]]]],
+             stun_ports: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """A DERP map: [(region id, [(node name, host address)])], lab ports, no TLS;
+    ``stun_ports`` overrides the STUN port per node name."""
+    ports = stun_ports or {}
     return {"regions": [
         {"id": rid, "code": f"r{rid}", "name": f"region {rid}",
-         "nodes": [{"name": name, "host": host, "derp_port": DERP_PORT, "stun_port": STUN_PORT,
-                    "tls": False} for name, host in nodes]}
+         "nodes": [{"name": name, "host": host, "derp_port": DERP_PORT,
+                    "stun_port": ports.get(name, STUN_PORT), "tls": False}
+                   for name, host in nodes]}
         for rid, nodes in regions]}
 
 
@@ -282,6 +299,12 @@ class MeshLab:
                 return dict(p)
         return None
 
+    def metrics(self, name: str) -> dict[str, Any]:
+        """The daemon's ``/local/v1/metrics`` (paths, relay, spray counters)."""
+        from relaymesh.cli._local import LocalClient
+
+        return dict(LocalClient(self.sock(name)).request("GET", "/local/v1/metrics"))
+
     def path(self, name: str, peer: str) -> str:
         p = self.peer(name, peer)
         return str(p["path"]) if p else "absent"
@@ -308,10 +331,17 @@ class MeshLab:
 
 
 def start_mesh(lab: Lab, root: Path, nodes: Iterable[str]) -> MeshLab:
-    """Control + one DERP server on ``srv``, then a daemon per node, all `up`."""
+    """Control + one DERP server on ``srv`` plus a second STUN responder (region 1's second
+    map node, STUN only in effect: clients connect to the first node), then a daemon per node,
+    all `up`. Two STUN destinations let each node's netcheck tell whether its mapping varies
+    by destination (a hard NAT), which decides the birthday-paradox spray roles."""
     m = MeshLab(lab, root)
     m.start_derp("1a")
-    m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST))])]))
+    stun2 = lab.spawn(SERVER_HOST, [sys.executable, "-c", STUN_SERVER, str(STUN_PORT_2)],
+                      name="stun2")
+    stun2.wait_for("ready", 10)
+    srv = lab.address(SERVER_HOST)
+    m.start_control(derp_map([(1, [("1a", srv), ("1s", srv)])], stun_ports={"1s": STUN_PORT_2}))
     m.start_nodes(nodes)
     return m
 

@@ -20,6 +20,14 @@ None). With it, ``sa`` is the relay's ip:port and every WireGuard datagram to th
 WireGuard is unwrapped by the node's device wrapper (``node.engine.TrackingDevice``), which maps
 (relay ip:port, session id) to the peer's ``PeerEndpoint``.
 
+Spray sockets (birthday-paradox port spray, docs/magicsock.md): the endpoint also carries
+``sock`` (None: the node's one socket). A peer reached through a spray socket's NAT mapping gets
+its WireGuard sent from that socket (plain ``sendto``, no GSO; only batches sent while some peer
+uses one, ``spray_routes != 0``, are looked at). The datapath polls the spray sockets too
+(:meth:`MeshDatapath.add_spray_socket`); a datagram on spray socket ``i`` from an address the
+disco layer knows as a peer's (``spray_in``) gets that peer's ``PeerEndpoint`` as its source, so
+handshake responses go back out the same socket.
+
 Inbound from DERP: :meth:`MeshDatapath.inject` runs a WireGuard datagram through the same locked
 core path as a UDP datagram (device, inbound filter, TUN write, replies through the route), with
 the peer's ``PeerEndpoint`` as the source so cookie replies and handshake responses follow the
@@ -31,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import socket
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -45,7 +54,7 @@ DERP_OUTBOX_MAX = 2048  # packets waiting for the event loop; ~2.6 MB of 1280-by
 class PeerEndpoint:
     """A peer's stable endpoint key in the WireGuard device (hashed by identity)."""
 
-    __slots__ = ("derp_region", "direct", "node_key", "relay_hdr", "sa")
+    __slots__ = ("data_at", "derp_region", "direct", "node_key", "relay_hdr", "sa", "sock")
 
     def __init__(self, node_key: bytes) -> None:
         self.node_key = node_key  # raw 32-byte node key: the DERP destination
@@ -53,11 +62,14 @@ class PeerEndpoint:
         self.sa: tuple[str, int] | None = None  # the socket address for sendto
         self.derp_region = 0  # != 0: also (or only) send over DERP in this region
         self.relay_hdr: bytes | None = None  # set: ``direct`` is a relay, prepend this header
+        self.sock: socket.socket | None = None  # a spray socket to send from (None: the main)
+        self.data_at: float | None = None  # when a tunnel packet from TUN last went to the peer
+        #   (handshakes and keepalives excluded): the spray is for peers that carry data
 
     def describe(self) -> str:
         parts = []
         if self.direct:
-            via = "relay " if self.relay_hdr else ""
+            via = "relay " if self.relay_hdr else "spray " if self.sock is not None else ""
             parts.append(f"{via}{self.direct[0]}:{self.direct[1]}")
         if self.derp_region:
             parts.append(f"derp({self.derp_region})")
@@ -128,8 +140,13 @@ class MeshDatapath(Datapath):
         self.outbox: DerpOutbox | None = None
         self.derp_routes = 0  # peers whose route includes DERP; 0 keeps the plain fast path
         self.relay_routes = 0  # peers routed through a peer relay; 0 keeps the plain fast path
+        self.spray_routes = 0  # peers sent to from a spray socket; 0 keeps the plain fast path
         self._derp_eps: set[PeerEndpoint] = set()
         self._relay_eps: set[PeerEndpoint] = set()
+        self._spray_eps: set[PeerEndpoint] = set()
+        # (spray socket id, (ip, port)) -> the peer's endpoint; replaced whole (atomic swap)
+        self.spray_in: dict[tuple[int, tuple[str, int]], PeerEndpoint] = {}
+        self.spray_counters: collections.Counter[str] = collections.Counter()
         self.derp_counters: collections.Counter[str] = collections.Counter()
         self.relay_counters: collections.Counter[str] = collections.Counter()
 
@@ -137,15 +154,24 @@ class MeshDatapath(Datapath):
         self.outbox = outbox
 
     def set_route(self, ep: PeerEndpoint, direct: tuple[str, int] | None, region: int,
-                  relay_hdr: bytes | None = None) -> bool:
-        """Point a peer's endpoint at ``direct`` (a relay when ``relay_hdr`` is given) and/or
-        DERP ``region``; True if it changed."""
-        if ep.direct == direct and ep.derp_region == region and ep.relay_hdr == relay_hdr:
+                  relay_hdr: bytes | None = None, sock: socket.socket | None = None) -> bool:
+        """Point a peer's endpoint at ``direct`` (a relay when ``relay_hdr`` is given; sent from
+        spray socket ``sock`` when given) and/or DERP ``region``; True if it changed."""
+        if direct is None or relay_hdr is not None:
+            sock = None
+        if (ep.direct == direct and ep.derp_region == region and ep.relay_hdr == relay_hdr
+                and ep.sock is sock):
             return False
         sa = Datapath._sockaddr(self, direct) if direct is not None else None
         with self.lock:
             ep.direct, ep.sa, ep.derp_region = direct, sa, region
             ep.relay_hdr = relay_hdr if direct is not None else None
+            ep.sock = sock
+            if sock is not None:
+                self._spray_eps.add(ep)
+            else:
+                self._spray_eps.discard(ep)
+            self.spray_routes = len(self._spray_eps)
             if region:
                 self._derp_eps.add(ep)
             else:
@@ -162,8 +188,26 @@ class MeshDatapath(Datapath):
         with self.lock:
             self._derp_eps.discard(ep)
             self._relay_eps.discard(ep)
+            self._spray_eps.discard(ep)
             self.derp_routes = len(self._derp_eps)
             self.relay_routes = len(self._relay_eps)
+            self.spray_routes = len(self._spray_eps)
+
+    def add_spray_socket(self, sid: int, sock: socket.socket,
+                         divert: Callable[[bytes, tuple[str, int]], bool] | None) -> None:
+        """Receive from spray socket ``sid`` too: a known peer address (``spray_in``) becomes
+        that peer's endpoint, anything else the plain ``(ip, port)``."""
+        table = self
+
+        def source(ep: tuple[str, int]) -> Any:
+            return table.spray_in.get((sid, ep), ep)
+
+        self.add_socket(sock, source, divert)
+
+    def drop_sock_routes(self, sock: socket.socket) -> None:
+        """A spray socket is closing: no peer sends from it any more (its direct goes too)."""
+        for ep in [ep for ep in self._spray_eps if ep.sock is sock]:
+            self.set_route(ep, None, ep.derp_region)
 
     def _sockaddr(self, endpoint: Hashable) -> Any:
         if type(endpoint) is PeerEndpoint:
@@ -174,7 +218,7 @@ class MeshDatapath(Datapath):
         return super()._sockaddr(endpoint)
 
     def _send_all(self, transmits: Sequence[TransmitLike], c: Counters) -> None:
-        if not self.derp_routes and not self.relay_routes:
+        if not self.derp_routes and not self.relay_routes and not self.spray_routes:
             super()._send_all(transmits, c)
             return
         udp: list[TransmitLike] = []
@@ -192,6 +236,17 @@ class MeshDatapath(Datapath):
                         dc["tx_dropped"] += 1
                     if ep.sa is None:
                         continue
+                ssock = ep.sock
+                if ssock is not None and ep.sa is not None:
+                    try:
+                        n = ssock.sendto(tx.data, ep.sa)
+                    except OSError as e:
+                        self._count_error("spray_send_error", e)
+                        continue
+                    c.udp_tx_packets += 1
+                    c.udp_tx_bytes += n
+                    self.spray_counters["tx_packets"] += 1
+                    continue
                 hdr = ep.relay_hdr
                 if hdr is not None:
                     data = hdr + tx.data
@@ -245,6 +300,7 @@ class MeshDatapath(Datapath):
         d = super().stats()
         d.update({f"derp_{k}": v for k, v in self.derp_counters.items()})
         d.update({f"relay_{k}": v for k, v in self.relay_counters.items()})
+        d.update({f"spray_{k}": v for k, v in self.spray_counters.items()})
         if self.outbox is not None:
             d["derp_outbox_dropped"] = self.outbox.dropped
         return d

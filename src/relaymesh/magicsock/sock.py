@@ -83,8 +83,10 @@ class MagicSock:
         self,
         sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
-        on_disco: Callable[[bytes, tuple[str, int]], None],
+        on_disco: Callable[..., None],
     ) -> None:
+        """``on_disco(data, src)`` for the main socket, ``on_disco(data, src, sid)`` for spray
+        socket ``sid`` (:meth:`divert_for`)."""
         self.sock = sock
         self.loop = loop
         self.on_disco = on_disco
@@ -116,13 +118,33 @@ class MagicSock:
             self.counters["disco_rx_dropped"] += 1
         return True
 
-    def send(self, data: bytes, addr: tuple[str, int]) -> None:
-        """Send one datagram (disco) to ``addr``; errors are counted, never raised."""
+    def divert_for(self, sid: int) -> Callable[[bytes, tuple[str, int]], bool]:
+        """The datapath hook for spray socket ``sid``: disco goes to the event loop with the
+        socket id (so the pong leaves from the same socket); everything else (WireGuard) stays
+        on the datapath; relay framing is not expected there and is dropped (counted)."""
+
+        def divert(data: bytes, src: tuple[str, int]) -> bool:
+            if not is_disco(data):
+                self.counters["spray_not_disco"] += 1
+                return data[:1] == b"\x00"  # relay-framed: not on a spray socket
+            self.counters["spray_disco_rx"] += 1
+            try:
+                self.loop.call_soon_threadsafe(self.on_disco, data, src, sid)
+            except RuntimeError:
+                self.counters["disco_rx_dropped"] += 1
+            return True
+
+        return divert
+
+    def send(self, data: bytes, addr: tuple[str, int],
+             sock: socket.socket | None = None) -> None:
+        """Send one datagram (disco) to ``addr`` from the main socket (or spray socket
+        ``sock``, same address family); errors are counted, never raised."""
         ip, port = addr
         if self._v6 and ":" not in ip:
             ip = V4_MAPPED + ip
         try:
-            self.sock.sendto(data, (ip, port))
+            (sock or self.sock).sendto(data, (ip, port))
         except OSError as e:
             self.counters["send_error"] += 1
             log.debug("disco send to %s:%d failed: %s", addr[0], port, e)

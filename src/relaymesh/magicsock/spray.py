@@ -179,13 +179,16 @@ class Sprayer:
     def mark_peer_hard(self, peer_id: int) -> None:
         self._peers.setdefault(peer_id, _PeerSpray()).peer_is_hard = True
 
-    def consider(self, peer_id: int, now: float, *, active: bool, direct: bool,
-                 can_spray: bool) -> SprayStart | None:
-        """Called on every tick per peer. ``active``: data is flowing; ``direct``: a trusted
-        direct path is chosen; ``can_spray``: the peer has IPv4 targets and a DERP home and
-        the path policy allows direct. Returns a spray to start, or None."""
+    def consider(self, peer_id: int, now: float, *, last_send: float | None, active: bool,
+                 direct: bool, can_spray: bool) -> SprayStart | None:
+        """Called on every tick per peer. ``last_send``: when tunnel data (not handshakes or
+        keepalives: every peer of a fresh map gets those) last went to the peer; ``active``:
+        that was recent; ``direct``: a trusted direct path is chosen; ``can_spray``: the peer
+        has targets and a DERP home and the path policy allows direct. Returns a spray to
+        start, or None. The delay counts from the first tick with recent data and no direct
+        path."""
         ps = self._peers.setdefault(peer_id, _PeerSpray())
-        if direct or not active:
+        if direct or not active or last_send is None:
             ps.no_direct_since = None
             return None
         if ps.no_direct_since is None:

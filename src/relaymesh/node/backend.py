@@ -29,6 +29,13 @@ the STUN-mapped address, static endpoints; refreshed with the endpoints) through
 ``/api/v1/update``. Client side: the peers in ``relay.may_use`` that announce a relay port are
 the disco layer's candidate relays (and our own relay server, allocated in-process); a route
 through a relay is pushed into the datapath as (relay ip:port, relay header).
+
+Birthday-paradox port spray (docs/magicsock.md): each netcheck tells the disco layer our NAT
+role (mapping varies by destination -> hard). The disco layer names spray sockets by id; this
+shell opens them (same family as the main socket, ephemeral port) before sending the datagrams
+of the same call, registers them with the datapath (WireGuard and disco are received on them
+too) and closes them when the disco layer says so. A peer whose direct path lives on a spray
+socket gets its WireGuard sent from that socket.
 """
 
 from __future__ import annotations
@@ -160,6 +167,9 @@ class Backend:
         self._reported_relay: tuple[int | None, list[str]] | None = None
         self._relay_inbound: dict[tuple[tuple[str, int], int], bytes] = {}
         self._logged_route: dict[int, str] = {}  # peer id -> last route logged (changes only)
+        self._spray_socks: dict[int, socket.socket] = {}  # spray socket id -> socket
+        self._spray_inbound: dict[tuple[int, tuple[str, int]], bytes] = {}
+        self.spray_counters: dict[str, int] = {}
         if not state.state.node_id:
             self.backend_state = "NeedsLogin"
         else:
@@ -249,6 +259,8 @@ class Backend:
         log.info("tunnel %s up with %s", self.tun_name, ", ".join(addresses))
 
     async def _stop_engine(self) -> None:
+        self.disco.spray.close_all()
+        self._apply_socket_changes()
         if self.engine is not None:
             eng, self.engine = self.engine, None
             await asyncio.to_thread(eng.stop)
@@ -683,6 +695,8 @@ class Backend:
         if self.relay_service is not None:
             out["relay"] = self.relay_service.metrics()
         out["disco_relay"] = dict(self.disco.relay_counters)
+        out["spray"] = {**self.disco.spray.counters, **self.spray_counters,
+                        "open_sockets": len(self._spray_socks)}
         return out
 
     # -- control --------------------------------------------------------------------------------
@@ -872,10 +886,53 @@ class Backend:
 
     # -- disco ----------------------------------------------------------------------------------
 
+    def _apply_socket_changes(self) -> None:
+        """Open and close the spray sockets the disco layer named (see the module docstring)."""
+        opened, closed = self.disco.take_socket_changes()
+        eng, magic, main = self.engine, self.magic, self.sock
+        for sid in opened:
+            if eng is None or magic is None or main is None or not hasattr(
+                    eng, "add_spray_socket"):
+                self._count_spray("open_skipped")
+                continue
+            try:
+                s = socket.socket(main.family, socket.SOCK_DGRAM)
+                if main.family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(("::" if main.family == socket.AF_INET6 else "0.0.0.0", 0))
+            except OSError as e:
+                self._count_spray("open_error")
+                if self.spray_counters["open_error"] == 1:
+                    log.warning("cannot open a spray socket: %s", e)
+                continue
+            self._spray_socks[sid] = s
+            eng.add_spray_socket(sid, s, magic.divert_for(sid))
+        if opened:
+            log.info("spray: opened %d socket(s) (%d open)", len(opened), len(self._spray_socks))
+        for sid in closed:
+            old = self._spray_socks.pop(sid, None)
+            if old is None:
+                continue
+            if eng is not None and hasattr(eng, "remove_spray_socket"):
+                eng.remove_spray_socket(old)
+            old.close()
+        if closed:
+            log.info("spray: closed %d socket(s) (%d open)", len(closed), len(self._spray_socks))
+
+    def _count_spray(self, key: str) -> None:
+        self.spray_counters[key] = self.spray_counters.get(key, 0) + 1
+
     def _send(self, sends: list[Send]) -> None:
+        self._apply_socket_changes()
         for s in sends:
             if s.derp is not None:
                 self.derp.send(s.derp.raw, s.addr[1], s.data)
+            elif s.sock:
+                spray = self._spray_socks.get(s.sock)
+                if spray is None or self.magic is None:
+                    self._count_spray("send_no_socket")
+                    continue
+                self.magic.send(s.data, s.addr, spray)
             elif self.magic is not None:
                 self.magic.send(s.data, s.addr)
 
@@ -917,6 +974,8 @@ class Backend:
                 self._netcheck_runner = None
         self.netcheck_report = report
         self._stun_endpoint = report.global_v4 if report.udp else None
+        public_ip = (report.global_v4 or "").rsplit(":", 1)[0] if report.udp else ""
+        self.disco.set_nat(report.udp, report.mapping_varies_by_dest, public_ip)
         lat = {int(r): v / 1e3 for r, v in report.region_latency_ms.items()}
         home = pick_home_region(lat, self.derp.home or None)
         if home:
@@ -925,16 +984,16 @@ class Backend:
         log.info("netcheck: %s", report.summary().replace("\n", "; "))
         return report
 
-    def _on_disco(self, data: bytes, src: tuple[str, int]) -> None:
+    def _on_disco(self, data: bytes, src: tuple[str, int], sock: int = 0) -> None:
         try:
-            self._handle_disco(data, src)
+            self._handle_disco(data, src, sock)
         except Exception:  # a bug must not surface as an unhandled loop-callback error per packet
             self.disco.drops["handler_error"] += 1
             if self.disco.drops["handler_error"] == 1:
                 log.exception("disco handler error (counted; logged once)")
 
-    def _handle_disco(self, data: bytes, src: tuple[str, int]) -> None:
-        sends, results = self.disco.handle(data, src, time.monotonic())
+    def _handle_disco(self, data: bytes, src: tuple[str, int], sock: int = 0) -> None:
+        sends, results = self.disco.handle(data, src, time.monotonic(), sock=sock)
         self._send(sends)
         self._finish_pings(results)
         self._reconcile_endpoints()
@@ -965,9 +1024,18 @@ class Backend:
             if direct is None and not region:
                 continue
             if has_route:
-                self.engine.set_route(n.node_key, direct, region)
+                sid = self.disco.route_socket(n.id, now) if direct is not None else 0
+                spray = self._spray_socks.get(sid) if sid else None
+                if spray is not None:
+                    self.engine.set_route(n.node_key, direct, region, None, spray)
+                else:
+                    self.engine.set_route(n.node_key, direct, region)
             elif direct is not None:
                 self.engine.set_endpoint(n.node_key, direct)
+        sprayin = self.disco.spray_inbound()
+        if sprayin != self._spray_inbound and hasattr(self.engine, "set_spray_inbound"):
+            self._spray_inbound = sprayin
+            self.engine.set_spray_inbound(sprayin)
         inbound = self.disco.relay_inbound()
         if inbound != self._relay_inbound and hasattr(self.engine, "set_relay_inbound"):
             self._relay_inbound = inbound
@@ -986,6 +1054,8 @@ class Backend:
                         if ps is not None and ps.tx_bytes != self._last_tx.get(n.id, 0):
                             self._last_tx[n.id] = ps.tx_bytes
                             self._send(self.disco.note_activity(n.id, now))
+                        if ps is not None and ps.data_at is not None:
+                            self.disco.note_data(n.id, ps.data_at)
                 self._send(self.disco.tick(now))
                 self._reconcile_endpoints()
                 self.derp.tick()

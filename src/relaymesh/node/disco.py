@@ -67,6 +67,7 @@ from relaymesh.disco import (
 from relaymesh.disco.codec import SprayRequest
 from relaymesh.keys import DiscoKey, NodeKey, PrivateKey
 from relaymesh.magicsock.pathsel import (
+    SESSION_ACTIVE_TIMEOUT,
     AllocateRelays,
     Candidate,
     PathPolicy,
@@ -152,6 +153,7 @@ class _Peer:
     node: MapNode
     paths: PeerPaths
     last_reprobe: float = float("-inf")
+    data_at: float | None = None  # last tunnel data to the peer (note_data)
 
 
 class DiscoManager:
@@ -304,6 +306,13 @@ class DiscoManager:
         if p is None:
             return []
         return self._actions(p, p.paths.set_policy(policy, now), now)
+
+    def note_data(self, peer_id: int, at: float) -> None:
+        """A tunnel packet (not a handshake or keepalive) went to this peer at ``at``: only
+        such peers are worth a spray."""
+        p = self._peers.get(peer_id)
+        if p is not None and (p.data_at is None or at > p.data_at):
+            p.data_at = at
 
     def note_activity(self, peer_id: int, now: float) -> list[Send]:
         """Data went to this peer: keeps heartbeats going (and probes after idle)."""
@@ -480,7 +489,8 @@ class DiscoManager:
         for pid, p in self._peers.items():
             targets = self._spray_targets(p)
             st = self.spray.consider(
-                pid, now, active=p.paths.is_active(now),
+                pid, now, last_send=p.data_at,
+                active=p.data_at is not None and now - p.data_at < SESSION_ACTIVE_TIMEOUT,
                 direct=p.paths.has_trusted_direct(now),
                 can_spray=bool(targets) and bool(p.paths.derp_region)
                 and p.node.disco_key is not None

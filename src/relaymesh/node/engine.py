@@ -52,6 +52,7 @@ class PeerStats:
     tx_bytes: int
     rx_bytes: int
     last_handshake: float | None  # unix time
+    data_at: float | None = None  # engine clock: a TUN packet last went to this peer
 
 
 class TrackingDevice:
@@ -79,7 +80,12 @@ class TrackingDevice:
 
     def send_packet(self, ip_packet: bytes, now: float) -> list[Transmit]:
         self.flt.note_outbound(ip_packet, now)
-        return self.inner.send_packet(ip_packet, now)
+        out = self.inner.send_packet(ip_packet, now)
+        if out:  # a TUN packet: the peer carries data (not only handshakes), for the spray
+            ep = out[-1].endpoint
+            if type(ep) is PeerEndpoint:
+                ep.data_at = now
+        return out
 
     def receive(self, datagram: memoryview, source: Any, now: float) -> Received:
         if datagram[0] == 0:
@@ -216,6 +222,8 @@ class Engine:
                 if gone is not None:
                     dp._derp_eps.discard(gone)
                     dp.derp_routes = len(dp._derp_eps)
+                    dp._spray_eps.discard(gone)
+                    dp.spray_routes = len(dp._spray_eps)
             for raw, (ips, _) in wanted.items():
                 new = raw not in dev.peers
                 pe = self._eps.get(raw)
@@ -246,13 +254,30 @@ class Engine:
         self.set_route(key, ep, 0)
 
     def set_route(self, key: NodeKey, direct: tuple[str, int] | None, derp_region: int,
-                  relay_hdr: bytes | None = None) -> bool:
+                  relay_hdr: bytes | None = None, sock: socket.socket | None = None) -> bool:
         """Where packets to the peer go: ``direct`` (ip, port; a peer relay when ``relay_hdr``
-        is given) and/or DERP ``derp_region`` (both while mirroring). True if it changed."""
+        is given; sent from spray socket ``sock`` when given) and/or DERP ``derp_region`` (both
+        while mirroring). True if it changed."""
         pe = self._eps.get(key.raw)
         if pe is None:
             return False
-        return self.datapath.set_route(pe, direct, derp_region, relay_hdr)
+        return self.datapath.set_route(pe, direct, derp_region, relay_hdr, sock)
+
+    def add_spray_socket(self, sid: int, sock: socket.socket,
+                         divert: Callable[[bytes, tuple[str, int]], bool]) -> None:
+        """Receive WireGuard and disco on spray socket ``sid`` too (docs/magicsock.md)."""
+        self.datapath.add_spray_socket(sid, sock, divert)
+
+    def remove_spray_socket(self, sock: socket.socket) -> None:
+        """Before closing a spray socket: no peer sends from it, the datapath stops polling it."""
+        self.datapath.drop_sock_routes(sock)
+        self.datapath.remove_socket(sock)
+
+    def set_spray_inbound(self, table: Mapping[tuple[int, tuple[str, int]], bytes]) -> None:
+        """(spray socket id, peer ip:port) -> peer node key: inbound WireGuard on a spray
+        socket from that address is attributed to that peer's endpoint (replies follow it)."""
+        self.datapath.spray_in = {k: pe for k, raw in table.items()
+                                  if (pe := self._eps.get(raw)) is not None}
 
     def set_relay_inbound(self, sessions: Mapping[tuple[tuple[str, int], int], bytes]) -> None:
         """Relay sessions bound for peers: (relay (ip, port), session id) -> peer node key.
@@ -307,6 +332,7 @@ class Engine:
                     p.tx_bytes,
                     p.rx_bytes,
                     None if p.last_handshake is None else p.last_handshake + off,
+                    p.endpoint.data_at if isinstance(p.endpoint, PeerEndpoint) else None,
                 )
                 for raw, p in self.device.peers.items()
             }

@@ -27,6 +27,12 @@ Nothing raises out of a loop: errors from the core or from a syscall on one pack
 ``drops`` (by reason) and the packet is dropped. The datagram memoryview handed to
 ``Device.receive`` points into a reused buffer and is valid only during that call.
 
+Extra sockets (:meth:`Datapath.add_socket`; the node's birthday-paradox spray sockets,
+docs/magicsock.md) are polled with the main socket and drained only when poll says they are
+readable (no GRO; ``source`` maps each sender to the endpoint the core sees, ``divert`` takes
+their disco). While none exist the loops do what they did before: the only extra work per round
+is two attribute compares. Adding or removing one rebuilds the poll set through the wake pipe.
+
 Endpoints handed to the core are ``(ip, port)`` tuples with plain dotted IPv4 even on the dual-stack
 socket (``::ffff:a.b.c.d`` is unmapped), so config endpoints and observed sources compare equal.
 """
@@ -186,6 +192,18 @@ def recv_batch(
             got.append((n, addr, n))
 
 
+class _Extra:
+    """An extra receive socket: its sender -> endpoint mapping and its disco hook."""
+
+    __slots__ = ("divert", "sock", "source")
+
+    def __init__(self, sock: socket.socket, source: Callable[[Any], Any] | None,
+                 divert: Callable[[bytes, tuple[str, int]], bool] | None) -> None:
+        self.sock = sock
+        self.source = source
+        self.divert = divert
+
+
 class Datapath:
     """Runs a device between a TUN and a UDP socket until :meth:`stop`."""
 
@@ -230,6 +248,8 @@ class Datapath:
         self._load_window_start = 0.0
         self._load_initiations = 0
         self._load_until = 0.0
+        self._extra: dict[int, _Extra] = {}  # fd -> extra socket; replaced whole on change
+        self._extra_gen = 0
 
     # ---- control side -------------------------------------------------------------------------
     def start(self) -> None:
@@ -261,6 +281,27 @@ class Datapath:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+
+    def add_socket(self, sock: socket.socket, source: Callable[[Any], Any] | None = None,
+                   divert: Callable[[bytes, tuple[str, int]], bool] | None = None) -> None:
+        """Also receive from ``sock`` (any thread). ``source((ip, port))`` is the endpoint the
+        core sees for a datagram from ``(ip, port)`` (default: that tuple); ``divert`` sees its
+        non-WireGuard datagrams (with the plain ``(ip, port)``) like the main socket's hook."""
+        extra = dict(self._extra)
+        extra[sock.fileno()] = _Extra(sock, source, divert)
+        self._set_extra(extra)
+
+    def remove_socket(self, sock: socket.socket) -> None:
+        """Stop receiving from ``sock`` (before the owner closes it)."""
+        extra = {fd: e for fd, e in self._extra.items() if e.sock is not sock}
+        if len(extra) != len(self._extra):
+            self._set_extra(extra)
+
+    def _set_extra(self, extra: dict[int, _Extra]) -> None:
+        self._extra = extra  # one reference swap: the loop reads it without the lock
+        self._extra_gen += 1
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"e")
 
     @property
     def running(self) -> bool:
@@ -436,29 +477,40 @@ class Datapath:
         self._send_all(out, c)
         return len(pkts)
 
-    def _drain_udp(self, bufs: list[bytearray], views: list[memoryview]) -> int:
+    def _drain_udp(self, bufs: list[bytearray], views: list[memoryview],
+                   extra: _Extra | None = None) -> int:
         """Receive up to BATCH datagrams, decrypt under one lock hold, write packets to TUN.
 
         With UDP GRO one receive may return several datagrams of ``seg`` bytes back to back (the
         last may be shorter); they are handed to the core one by one as memoryview slices.
+        ``extra``: drain that extra socket instead of the main one.
         """
         got: list[tuple[int, Any, int]] = []  # (bytes, source, segment size)
         try:
-            recv_batch(self.sock, bufs, self._gro, got)
+            if extra is None:
+                recv_batch(self.sock, bufs, self._gro, got)
+            else:
+                recv_batch(extra.sock, bufs, False, got)
         except BlockingIOError:
             pass
         except OSError as e:
-            self._count_error("udp_recv_error", e)
+            if extra is not None and e.errno == errno.EBADF:
+                # closed by its owner after remove_socket; this thread had not rebuilt its
+                # poll set yet: expected, not worth a warning
+                self.counters.drops["extra_socket_closed"] += 1
+            else:
+                self._count_error("udp_recv_error", e)
         if not got:
             return 0
         c = self.counters
         dev = self.device
         endpoint = self._endpoint
+        remap = None if extra is None else extra.source
         to_tun: list[bytes] = []
         out: list[TransmitLike] = []
         nbytes = 0
         ndgrams = 0
-        divert = self.divert
+        divert = self.divert if extra is None else extra.divert
         flt = self.inbound_filter
         with self.lock:
             now = self.clock()
@@ -484,7 +536,7 @@ class Datapath:
                     if n == INITIATION_SIZE and d[0] == INITIATION_TYPE:
                         self._note_initiations(1, now)  # before the core asks under_load()
                     try:
-                        r = dev.receive(d, source, now)
+                        r = dev.receive(d, source if remap is None else remap(source), now)
                     except Exception as e:
                         self._count_error("core_receive_error", e)
                         continue
@@ -539,31 +591,69 @@ class Datapath:
             while drain() == BATCH and not stopping():
                 pass
 
-    def _inbound_loop(self) -> None:
+    def _poller(self, fds: Sequence[int]) -> tuple[Any, int, dict[int, _Extra]]:
+        """A poll set of ``fds``, the wake pipe and the extra sockets; drains the wake pipe
+        first, so a change made after this is seen at the next generation compare."""
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+        gen, extra = self._extra_gen, self._extra
         poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        for fd in (*fds, self._wake_r, *extra):
+            poller.register(fd, select.POLLIN)
+        return poller, gen, extra
+
+    def _drain_extras(self, ready: set[int], extra: dict[int, _Extra], bufs: list[bytearray],
+                      views: list[memoryview]) -> bool:
+        """Drain the extra sockets poll reported; True while one still has more queued."""
+        for fd in list(ready):
+            e = extra.get(fd)
+            if e is None or self._drain_udp(bufs, views, e) < BATCH:
+                ready.discard(fd)
+        return bool(ready)
+
+    def _inbound_loop(self) -> None:
+        poller, gen, extra = self._poller([self.sock.fileno()])
         bufs, views = self._udp_buffers()
         stopping = self._stopping.is_set
         drain = self._drain_udp
+        ready: set[int] = set()
         while not stopping():
-            poller.poll()
+            events = poller.poll(0 if ready else None)
+            if extra:
+                ready |= {fd for fd, ev in events if fd in extra and ev & select.POLLIN}
             while drain(bufs, views) == BATCH and not stopping():
                 pass
+            if ready:
+                self._drain_extras(ready, extra, bufs, views)
+            if self._extra_gen != gen:
+                poller, gen, extra = self._poller([self.sock.fileno()])
+                ready = set(extra)
 
     def _single_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.tun.fileno(), select.POLLIN)
-        poller.register(self.sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        fds = [self.tun.fileno(), self.sock.fileno()]
+        poller, gen, extra = self._poller(fds)
         bufs, views = self._udp_buffers()
         stopping = self._stopping.is_set
+        ready: set[int] = set()
         while not stopping():
             # both directions every round (a would-block read is cheap), so neither starves
             busy = self._drain_tun() == BATCH
             busy = self._drain_udp(bufs, views) == BATCH or busy
+            if ready:
+                busy = self._drain_extras(ready, extra, bufs, views) or busy
+            if self._extra_gen != gen:
+                poller, gen, extra = self._poller(fds)
+                ready = set(extra)  # whatever arrived meanwhile
+                continue
             if not busy:
-                poller.poll()
+                events = poller.poll()
+            elif extra:
+                events = poller.poll(0)  # busy main socket: extra sockets are not starved
+            else:
+                continue
+            if extra:
+                ready |= {fd for fd, ev in events if fd in extra and ev & select.POLLIN}
 
     def _timer_loop(self) -> None:
         kick = self._timer_kick
