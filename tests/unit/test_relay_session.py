@@ -487,3 +487,61 @@ def test_credit_keeps_a_kernel_forwarded_session_alive() -> None:
     assert w.srv.expire(16.0) == 0  # credited: alive past the idle lifetime from the bind at 1.0
     assert w.srv.forward(data(ep, b"x"), A_ADDR, 16.0) == B_ADDR
     assert other.srv.expire(16.0) == 1  # the same session without credit idles out
+
+
+# ---- load -------------------------------------------------------------------------------------
+
+def test_load_is_zero_when_idle_and_follows_the_forwarding_rate() -> None:
+    w, ep = bound_pair(RelayLimits(capacity_pps=1000.0))
+    srv = w.srv
+    srv.sample_load(1.0)
+    assert srv.load() == pytest.approx(1 / 10_000)  # one session of max_sessions, no traffic
+    now = 1.0
+    for _ in range(60):  # 60 s at 500 pkt/s: the average converges on 500 (tau 10 s)
+        for i in range(500):
+            assert srv.forward(data(ep, b"x"), A_ADDR, now + i / 1000) == B_ADDR
+        now += 1.0
+        srv.sample_load(now)
+    assert srv.forwarding_rate == pytest.approx(500.0, rel=0.01)
+    assert srv.load() == pytest.approx(0.5, rel=0.01)
+    assert srv.load(capacity_pps=5000.0) == pytest.approx(0.1, rel=0.01)
+    for _ in range(60):  # silence: the average decays towards 0
+        now += 1.0
+        srv.sample_load(now)
+    assert srv.load() < 0.01
+
+
+def test_load_counts_kernel_forwarded_packets_and_saturates_at_one() -> None:
+    w, ep = bound_pair(RelayLimits(capacity_pps=100.0))
+    srv = w.srv
+    srv.sample_load(1.0)
+    for t in range(2, 62):
+        assert srv.credit(ep.session_id, 0, 1000, 100_000, float(t))  # 1000 pkt/s in the kernel
+        srv.sample_load(float(t))
+    assert srv.forwarding_rate == pytest.approx(1000.0, rel=0.01)
+    assert srv.load() == 1.0
+
+
+def test_load_follows_session_occupancy() -> None:
+    w = make(RelayLimits(max_sessions=4))
+    keys = [PrivateKey.generate() for _ in range(6)]
+    allocate(w.srv, keys[0], keys[1], 0.0)
+    assert w.srv.load() == 0.25
+    allocate(w.srv, keys[2], keys[3], 0.0)
+    allocate(w.srv, keys[4], keys[5], 0.0)
+    assert w.srv.load() == 0.75
+
+
+def test_load_sample_gaps_weigh_as_their_length() -> None:
+    """One sample after a 10 s gap weighs like ten 1 s samples (irregular timer ticks)."""
+    w1, ep1 = bound_pair(RelayLimits(capacity_pps=1000.0))
+    w2, ep2 = bound_pair(RelayLimits(capacity_pps=1000.0))
+    for srv in (w1.srv, w2.srv):
+        srv.sample_load(1.0)
+    for t in range(2, 12):
+        w1.srv.credit(ep1.session_id, 0, 300, 0, float(t))
+        w1.srv.sample_load(float(t))
+    w2.srv.credit(ep2.session_id, 0, 3000, 0, 11.0)
+    w2.srv.sample_load(11.0)
+    assert w1.srv.forwarding_rate == pytest.approx(w2.srv.forwarding_rate, rel=1e-9)
+    assert w1.srv.forwarding_rate == pytest.approx(300 * (1 - 2.718281828459045 ** -1), rel=1e-6)

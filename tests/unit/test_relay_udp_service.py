@@ -128,6 +128,23 @@ def test_stop_closes_the_port(svc: Svc) -> None:
     s.close()
 
 
+def test_load_reports_the_core_figure_and_zero_when_stopped() -> None:
+    a, b = PrivateKey.generate(), PrivateKey.generate()
+    service = RelayService(PrivateKey.generate(), lambda x, y: True, host="127.0.0.1",
+                           discover_candidates=False, limits=RelayLimits(max_sessions=4))
+    assert service.load() == 0.0
+    port = service.start(0)
+    service.set_candidates([(IPv4Address("127.0.0.1"), port)])  # none: allocations refused
+    try:
+        assert service.load() == 0.0
+        assert service.allocate(a.disco_public(), b.disco_public()) is not None
+        assert service.load() == 0.25  # one session of four; no traffic
+        assert service.metrics()["load"] == 0.25
+    finally:
+        service.stop()
+    assert service.load() == 0.0
+
+
 # ---- kernel path rule builder (pure) -----------------------------------------------------------
 
 def _stats(sid: int, state: State, a: tuple[str, int] | None, b: tuple[str, int] | None

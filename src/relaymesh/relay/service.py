@@ -11,7 +11,8 @@ every bind). The daemon calls:
   callback (the relay capability for both keys), consulted for every well-formed request;
 - ``set_candidates(...)`` when its discovered addresses change (interfaces, STUN, static);
 - ``metrics()`` and ``sessions()`` for Prometheus, ``status`` and ``debug peer-relay-sessions``;
-  sessions are shown by node name through the ``resolver(disco key) -> name`` callback.
+  sessions are shown by node name through the ``resolver(disco key) -> name`` callback;
+- ``load()``: 0..1, for the allocate response (clients rank relays by latency * (1 + load)).
 
 All core access holds the shell's lock, so control calls from any thread are safe.
 """
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 SYNC_INTERVAL = 1.0  # s between kernel-path syncs (counter credit, rule updates)
 MIN_SYNC_GAP = 0.25  # s: a flood of control packets triggers at most 4 nft runs per second
+# With the kernel fast path on, a relay has about this much more forwarding headroom than the
+# userspace loop (docs/peer-relays.md, figures: ~1.07M vs ~220k pkt/s): load() scales capacity.
+KERNEL_CAPACITY_FACTOR = 5.0
 
 IsAllowed = Callable[[DiscoKey, DiscoKey], bool]
 Resolver = Callable[[DiscoKey], str | None]
@@ -327,6 +331,18 @@ class RelayService:
             for st in sorted(stats, key=lambda s: s.session_id)
         ]
 
+    def load(self) -> float:
+        """0 (idle) .. 1 (full): the core's :meth:`RelayServer.load` (forwarding rate over
+        capacity, or session occupancy, whichever is higher), with the capacity scaled by
+        ``KERNEL_CAPACITY_FACTOR`` while the kernel fast path forwards. 0.0 when not running.
+        O(1): the rate is averaged by the shell's once-a-second timer."""
+        shell = self.shell
+        if shell is None:
+            return 0.0
+        cap = self.limits.capacity_pps * (KERNEL_CAPACITY_FACTOR if self.kernel else 1.0)
+        with shell.lock:
+            return shell.server.load(cap)
+
     def metrics(self) -> dict[str, object]:
         """Forwarded packets/bytes (userspace + kernel), sessions by state, drops by reason."""
         shell = self.shell
@@ -351,6 +367,7 @@ class RelayService:
             "drops": drops,
             "kernel": self.kernel is not None,
             "offloads": shell.offloads,
+            "load": self.load(),
         }
         if self.kernel is not None:
             ks = self.kernel.stats

@@ -31,6 +31,14 @@ Lifecycle of a session (see docs/protocol-disco-derp-relay.md):
 
 Per-client (disco key) token buckets limit packets and bytes per second across all of that client's
 sessions; the table has a global and a per-client session cap. Every drop is counted by reason.
+
+Load (for clients ranking relays by latency * (1 + load)): :meth:`RelayServer.load` is a figure in
+0..1, the larger of the forwarding rate over a configured capacity (``capacity_pps``) and the
+session table's occupancy (sessions over ``max_sessions``). The rate is an exponentially weighted
+average (time constant ``LOAD_TAU``) of forwarded packets per second, including what the kernel
+path forwarded (credited), sampled by :meth:`RelayServer.sample_load` from the shell's once-a-second
+timer; reading it is O(1). Packets rather than bytes because a relay's cost is per packet (one
+receive and one send whatever the size; docs/peer-relays.md, figures).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -63,6 +72,10 @@ SECRET_LEN = 32  # BLAKE2s key size
 BIND_LIFETIME = 30.0  # reference design: an unbound session dies 30 s after allocation
 IDLE_LIFETIME = 300.0  # reference design: a bound session dies after 5 min of silence
 SECRET_ROTATION = 120.0  # reference design: the challenge secret rotates every 2 minutes
+# Forwarded pkt/s that count as full load: about what the userspace loop forwards with GSO/GRO on
+# this project's 2-vCPU reference machine (docs/peer-relays.md, figures: ~220k pkt/s).
+CAPACITY_PPS = 200_000.0
+LOAD_TAU = 10.0  # s: time constant of the forwarding-rate average behind load()
 
 
 class Drop(enum.StrEnum):
@@ -111,6 +124,7 @@ class RelayLimits:
     packet_burst: float = 5_000.0
     bytes_per_second: float = 50_000_000.0  # 400 Mbit/s per client
     byte_burst: float = 5_000_000.0
+    capacity_pps: float = CAPACITY_PPS  # forwarded pkt/s at which load() reads 1.0
 
 
 class _Bucket:
@@ -243,6 +257,9 @@ class RelayServer:
         self.drops: Counter[str] = Counter()
         self._retired_packets = 0
         self._retired_bytes = 0
+        self._load_at: float | None = None  # time of the last load sample
+        self._load_packets = 0  # forwarded packets (all time) at that sample
+        self._rate = 0.0  # averaged forwarded pkt/s
 
     @property
     def candidates(self) -> tuple[disco.AddrPort, ...]:
@@ -619,6 +636,44 @@ class RelayServer:
             forwarded_bytes=nbytes,
             sessions=stats,
         )
+
+    # ---- load -------------------------------------------------------------------------------
+
+    def _forwarded_packets(self) -> int:
+        return self._retired_packets + sum(
+            side.packets for s in self._sessions.values() for side in s.sides)
+
+    def sample_load(self, now: float) -> None:
+        """Fold the packets forwarded since the last sample into the averaged rate; call about
+        once a second (the shell's timer). O(sessions), like :meth:`expire`."""
+        total = self._forwarded_packets()
+        if self._load_at is None:
+            self._load_at, self._load_packets = now, total
+            return
+        dt = now - self._load_at
+        if dt <= 0:
+            return
+        inst = max(0, total - self._load_packets) / dt
+        # exact EWMA for irregular sample spacing: a gap of dt weighs the new rate 1 - e^(-dt/tau)
+        self._rate += (1.0 - math.exp(-dt / LOAD_TAU)) * (inst - self._rate)
+        self._load_at, self._load_packets = now, total
+
+    @property
+    def forwarding_rate(self) -> float:
+        """Averaged forwarded packets per second (as of the last sample)."""
+        return self._rate
+
+    def load(self, capacity_pps: float | None = None) -> float:
+        """0 (idle) .. 1 (full): max(rate / capacity, sessions / max_sessions).
+
+        ``capacity_pps`` overrides ``limits.capacity_pps`` (e.g. a relay whose kernel fast path
+        forwards has more headroom).
+        """
+        cap = self.limits.capacity_pps if capacity_pps is None else capacity_pps
+        by_rate = self._rate / cap if cap > 0 else 0.0
+        by_sessions = len(self._sessions) / self.limits.max_sessions \
+            if self.limits.max_sessions > 0 else 0.0
+        return min(1.0, max(0.0, by_rate, by_sessions))
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -10,7 +10,7 @@ until it would block, in batches of ``BATCH``:
 2. under ``lock`` (shared with the control side: allocations, metrics, listing): one clock read,
    then per datagram ``RelayServer.forward`` (data: a destination or a counted drop) or, for a
    control packet (header control bit), ``RelayServer.handle_datagram`` (bind handshake replies);
-   ``RelayServer.expire`` when ``expire_interval`` has passed;
+   ``RelayServer.expire`` (and ``sample_load``) when ``expire_interval`` has passed;
 3. outside the lock, send: data packets unmodified (a memoryview into the receive buffer, no copy),
    runs of same-destination, same-size packets as ONE ``sendmsg`` with UDP GSO when the socket
    supports it (the kernel cuts the run into datagrams).
@@ -268,6 +268,7 @@ class RelayUDP:
         with self.lock:
             try:
                 self.server.expire(now)
+                self.server.sample_load(now)
             except Exception as e:  # pragma: no cover - a core bug, counted not raised
                 self._count_error("core_expire_error", e)
 
@@ -331,6 +332,7 @@ class RelayUDP:
                 self._next_expire = now + self.expire_interval
                 try:
                     srv.expire(now)
+                    srv.sample_load(now)
                 except Exception as e:  # pragma: no cover
                     self._count_error("core_expire_error", e)
         c.rx_packets += nrx
