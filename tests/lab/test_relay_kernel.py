@@ -194,3 +194,21 @@ def test_kernel_path_enforces_the_per_client_packet_limit(
         w.service.stop()
         for c in (w.a, w.b, *w.extra):
             c.close()
+
+
+def test_a_session_with_the_relay_hosts_own_node_stays_in_userspace(kworld: RelayWorld) -> None:
+    """A relay serving its own node: neither direction can be forwarded by the rewrite rules
+    (locally generated packets keep their local route; local delivery skips postrouting)."""
+    lab = kworld.lab
+    own = kworld.client("r", kworld.b.key)  # B's key, but a socket on the relay host itself
+    ep = kworld.allocate()
+    kworld.a.bind(ep)
+    own.bind(ep)
+    assert wait_for(lambda: (s := kworld.session(ep)) is not None and s.state == "bound")
+    kworld.service.sync_kernel()
+    assert flow_sources(lab) == set()
+    assert not kworld.session(ep).kernel
+    to_own = [kworld.a.send(ep, b"to the relay's node" + bytes([i])) for i in range(10)]
+    assert sorted(own.recv_all(len(to_own))) == sorted(to_own)
+    from_own = [own.send(ep, b"from the relay's node" + bytes([i])) for i in range(10)]
+    assert sorted(kworld.a.recv_all(len(from_own))) == sorted(from_own)
