@@ -445,3 +445,19 @@ def test_fuzz_malformed_spray_requests_to_the_manager_are_dropped_and_counted(
     if not valid:
         assert out == [] and n.m[2].drops["bad_disco"] >= 1
     assert sum(n.m[2].drops.values()) >= before + (0 if valid else 1)
+
+
+def test_disco_close_spray_sockets_closes_all_and_drops_their_candidates() -> None:
+    n = Nodes()
+    n.run_data(1, SPRAY_DELAY + 0.2)
+    opened, _ = n.m[1].take_socket_changes()
+    n.m[1].handle(spray_ping(n), EIM_PUB, 2.0, sock=opened[0])
+    assert any(c.sock for c in n.m[1]._peers[2].paths.candidates())
+    n.m[1].close_spray_sockets()
+    assert sorted(n.m[1].take_socket_changes()[1]) == sorted(opened)
+    assert not any(c.sock for c in n.m[1]._peers[2].paths.candidates())
+
+
+def spray_ping(n: Nodes) -> bytes:
+    return disco.seal(disco.Ping(b"t" * 12, n.keys[2].node_public()), n.disco[2],
+                      n.disco[1].disco_public())

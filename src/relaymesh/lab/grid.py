@@ -15,8 +15,13 @@ Expected paths (:func:`expected_path`), from the lab's NAT kinds (relaymesh.lab.
 its pong goes back through the other NAT's fresh mapping (peer-reflexive). Two endpoint-independent
 mappings (``none``, ``firewall``, ``easy``, ``one2one``) punch through each other's
 address-and-port-dependent filters when both ping at once (call-me-maybe). A ``hard`` (endpoint-
-dependent, fully-random) mapping toward a filtering peer cannot be predicted, so that pair stays
-on DERP; ``udp-blocked`` is DERP against everybody.
+dependent, fully-random) mapping toward a filtering EIM peer (``firewall``, ``easy``) goes direct
+through the birthday-paradox port spray (:mod:`relaymesh.magicsock.spray`: 256 sockets on the
+hard side, 2048 random probes from the EIM side, P(hit) ~ 99.97 %); hard/hard stays on DERP
+(neither side's mapping can be predicted, and the EIM check on the receiving side refuses);
+``udp-blocked`` is DERP against everybody. The spray roles come from each node's netcheck
+("mapping varies by destination"), which needs two STUN destinations: :func:`start_mesh` runs a
+second STUN responder on ``srv`` and lists it as region 1's second node.
 """
 
 from __future__ import annotations
@@ -423,8 +428,12 @@ def write_reports(results: Sequence[GridResult], md_path: Path, html_path: Path,
     md += ["", "Why: `none`/`one2one` accept unsolicited packets, so the other side's ping lands",
            "and the pong returns through its fresh mapping; two endpoint-independent mappings",
            "(`none`, `firewall`, `easy`, `one2one`) open each other's filters when both ping at",
-           "once (call-me-maybe over DERP); a `hard` (fully random, per-destination) mapping",
-           "cannot be predicted by a filtering peer, and `udp-blocked` has no UDP at all: DERP.",
+           "once (call-me-maybe over DERP). A `hard` (fully random, per-destination) mapping",
+           "meets a filtering EIM peer (`firewall`, `easy`) through the birthday-paradox port",
+           "spray: the hard side opens 256 sockets that each ping the peer, the EIM side pings",
+           "2048 random ports of the hard side's public ip, and P(some probe lands) ~ 99.97 %",
+           "(docs/magicsock.md). hard/hard stays on DERP (neither mapping can be predicted), and",
+           "`udp-blocked` has no UDP at all: DERP.",
            ""]
     md_path.write_text("\n".join(md))
     rows = []

@@ -14,7 +14,9 @@ Model (IPv4/UDP only; netem semantics on each host's uplink egress via the share
 - ``easy``: Linux masquerade: the inside port is kept when the (public endpoint, destination)
   tuple is free, which is endpoint-independent and port-preserving unless two inside endpoints
   clash on a port; filtering address-and-port dependent; ``udp-blocked``: as easy, UDP dropped;
-- ``hard``: a new random public port per (inside endpoint, destination); filtering as easy;
+- ``hard``: a new random public port in 1024-65535 per (inside endpoint, destination), from the
+  seeded generator, like ``masquerade fully-random``; filtering as easy (the birthday-paradox
+  spray, magicsock.spray, relies on both);
 - ``one2one``: fixed public address per host, ports kept, no filtering;
 - forwards ("one firewall exception") open one UDP port to one host.
 State expires like Linux conntrack for UDP: 30 s unreplied, 120 s once a reply was seen.

@@ -259,7 +259,7 @@ class Backend:
         log.info("tunnel %s up with %s", self.tun_name, ", ".join(addresses))
 
     async def _stop_engine(self) -> None:
-        self.disco.spray.close_all()
+        self.disco.close_spray_sockets()
         self._apply_socket_changes()
         if self.engine is not None:
             eng, self.engine = self.engine, None

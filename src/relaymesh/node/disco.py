@@ -289,6 +289,14 @@ class DiscoManager:
         self.spray.role = role_for(udp, mapping_varies)
         self.spray.public_ip = public_ip if udp else ""
 
+    def close_spray_sockets(self) -> None:
+        """Close every spray socket (the engine stops); their candidates go too."""
+        closed = self.spray.close_all()
+        for s in closed:
+            for p in self._peers.values():
+                p.paths.remove_sock(s)
+        self._socks_to_close += closed
+
     def take_socket_changes(self) -> tuple[list[int], list[int]]:
         """Spray socket ids the shell must open (before sending this call's datagrams) and
         close. Datagrams for a socket id that is not open are dropped by the shell."""

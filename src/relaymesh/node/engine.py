@@ -242,7 +242,9 @@ class Engine:
                 pe = self._eps[raw] = PeerEndpoint(raw)
             route = routes.get(raw) if routes is not None else None
             if route is not None and (route[0] is not None or route[1]):
-                dp.set_route(pe, route[0], route[1])
+                # a spray socket stays with its address (the route names only ip:port here)
+                dp.set_route(pe, route[0], route[1], None,
+                             pe.sock if route[0] == pe.direct else None)
             elif ep is not None and pe.direct is None and not pe.derp_region:
                 dp.set_route(pe, ep, 0)
         transmits = self.datapath.call(lambda d, now: apply(self.device, now))
