@@ -2,20 +2,41 @@
 
 One lab per condition (clean; then 20 ms RTT and 0.5% loss on the client side): control + DERP
 on ``srv``; ``a0``/``b0`` behind ``easy`` NATs (direct works); ``a1``/``b1`` behind ``hard`` NATs
-(no direct path) with two relays on the lab internet: ``r`` (userspace forwarding) and ``rk``
-(``RELAYMESH_RELAY_KERNEL=1``: the nftables fast path), one on at a time. iperf3 TCP A -> B
-through the tunnel:
+(no direct path) with two relays on the lab internet: ``r`` (``RELAYMESH_RELAY_KERNEL=0``:
+userspace forwarding) and ``rk`` (``RELAYMESH_RELAY_KERNEL=1``: the nftables fast path), one on
+at a time; every other daemon gets ``=0`` too, so the rows do not depend on the daemon's default.
+iperf3 TCP A -> B through the tunnel:
 
 - ``direct``: a0 -> b0 on the path disco found;
 - ``relay``: a1 -> b1 via ``r`` (``rk``'s relay port off);
 - ``relay-kernel``: a1 -> b1 via ``rk`` (``r``'s relay port off);
 - ``derp``: a1 -> b1 with ``--path-policy PEER=no-relay`` on both sides.
 
+Congestion control is explicit, because it decides the impaired rows. The host's default may be
+``bbr`` (network namespaces inherit it), and BBR ignores random loss: under 0.5% loss the DERP
+path's outer TCP legs would look fine with bbr while Linux's default, ``cubic``, collapses. The
+DERP server and the far side's kernels are not the tunnel user's to tune, while the user's own TCP
+rides end to end on the UDP paths. So the impaired condition puts every TCP leg of the DERP path
+(daemon -> DERP server -> daemon) on ``cubic`` (Linux's default) inside the clients' and the
+DERP/control host's namespaces, and runs the inner iperf3 flow twice per path, with ``iperf3 -C
+bbr`` and ``-C cubic``. The clean condition runs as before: every TCP with the namespaces'
+inherited default (reported).
+
+How the legs get cubic: ``sysctl net.ipv4.tcp_congestion_control=cubic`` inside a namespace fails
+with EPERM when the host's ``net.ipv4.tcp_allowed_congestion_control`` does not list cubic (only
+the initial namespace may default to a restricted algorithm; with a bbr host default the allowed
+list is "reno bbr"), and widening that list is a host-global change. A route's ``congctl``
+attribute is namespace-local and needs no permission beyond the namespace: every IPv4 route of
+those namespaces gets ``congctl cubic`` before any daemon starts, so each TCP connection (active
+or accepted) starts on cubic, while a socket's own choice (``iperf3 -C``) still wins. The bench
+then reads the DERP connections' algorithm back with ``ss -ti`` and prints it (the "DERP legs"
+column), so the table shows what the kernel used, not what was asked for.
+
 Every number is CPU-bound on the 2 shared vCPUs (iperf3 on both ends, two daemons, the relay or
 DERP server): compare ratios, not absolute Mbit/s. The impaired condition adds
 ``delay_ms=10`` on each client's uplink (20 ms RTT) and ``loss_pct=0.5`` on the sender's.
 
-    sudo .venv/bin/python bench/paths.py [--seconds 5] [--no-impaired] [--no-write]
+    sudo .venv/bin/python bench/paths.py [--seconds 5] [--no-impaired | --no-clean] [--no-write]
 """
 
 from __future__ import annotations
@@ -25,12 +46,14 @@ import concurrent.futures
 import json
 import sys
 import tempfile
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, IperfResult, iperf_to, update_doc_section
+from _common import ROOT, IperfResult, cpu_seconds, update_doc_section
 from relaymesh.lab import Lab, Topology
 from relaymesh.lab.grid import SERVER_HOST, WG_PORT, MeshLab, derp_map, until
 
@@ -43,6 +66,25 @@ POLICY = {
                 "app": {"relaymesh.dev/cap/relay": [{}]}}],
 }
 PATHS = ("direct", "relay", "relay-kernel", "derp")
+CLIENTS = ("a0", "b0", "a1", "b1")
+CC_SYSCTL = "net.ipv4.tcp_congestion_control"
+DERP_PORT = 3340  # relaymesh.lab.grid's DERP listen port
+LEG_CC = "cubic"  # impaired: Linux's default, for every TCP leg the tunnel user does not own
+INNER_CCS = ("bbr", "cubic")  # impaired: the user's own TCP, end to end
+RELAY_KERNEL_ENV = "RELAYMESH_RELAY_KERNEL"
+GOAL_DIRECT = 0.9  # issue 6: relay/direct >= 0.9
+GOAL_DERP = 10.0  # issue 6: relay/DERP >= 10 under loss
+
+
+@dataclass(frozen=True)
+class Row:
+    """One iperf3 run: the path, the inner flow's cc and the cc of the DERP path's TCP legs."""
+
+    path: str
+    inner_cc: str  # "bbr", "cubic", or "<default> (default)" when not given
+    legs: str  # what carries the tunnel: "UDP" or "TCP <cc>" (DERP)
+    result: IperfResult
+    note: str = ""  # e.g. the relay's forwarding mode as it reported it
 
 
 def topology(impaired: bool) -> Topology:
@@ -63,7 +105,8 @@ def start(m: MeshLab, name: str) -> None:
     m.lab.exec(name, ["ip", "-6", "route", "flush", "default"], check=False)
     cmd = ["relaymesh", "daemon", "--state-dir", str(m.root / f"{name}-state"),
            "--socket", m.sock(name), "--tun", "rm0", "--port", str(WG_PORT)]
-    env = {"RELAYMESH_RELAY_KERNEL": "1"} if name == "rk" else None
+    # explicit either way: the userspace row must not depend on the daemon's default
+    env = {RELAY_KERNEL_ENV: "1" if name == "rk" else "0"}
     p = m.lab.spawn(name, cmd, name="daemon", env=env)
     until(lambda: "listening on" in p.output() or not p.alive, 20, f"daemon {name}")
     m.daemons[name] = p
@@ -96,20 +139,94 @@ def select(m: MeshLab, path: str) -> None:
     until(ready, 60, f"a1<->b1 on {path}", step=0.5)
 
 
-def run_condition(impaired: bool, seconds: float, tmp: Path) -> dict[str, IperfResult]:
-    out: dict[str, IperfResult] = {}
+def cc_of(lab: Lab, host: str) -> str:
+    """The namespace's default TCP congestion control, as its kernel reports it."""
+    return lab.exec(host, ["sysctl", "-n", CC_SYSCTL]).stdout.strip()
+
+
+def set_route_cc(lab: Lab, host: str, cc: str) -> None:
+    """``congctl cc`` on every IPv4 route of ``host``'s main table (see the module docstring)."""
+    routes = json.loads(lab.exec(host, ["ip", "-j", "-4", "route", "show", "table", "main"]).stdout)
+    for r in routes:
+        spec = [str(r["dst"])]
+        for key, word in (("gateway", "via"), ("dev", "dev"), ("protocol", "proto"),
+                          ("scope", "scope"), ("prefsrc", "src"), ("metric", "metric")):
+            if key in r:
+                spec += [word, str(r[key])]
+        lab.exec(host, ["ip", "route", "replace", *spec, "congctl", cc])
+
+
+def derp_leg_ccs(lab: Lab) -> str:
+    """The congestion control the kernel reports (``ss -ti``) for the DERP TCP connections of
+    a1, b1 and the DERP host, e.g. "cubic" or "bbr/cubic"."""
+    seen: set[str] = set()
+    for host in ("a1", "b1", SERVER_HOST):
+        out = lab.exec(host, ["ss", "-tinH", "state", "established",
+                              f"( sport = :{DERP_PORT} or dport = :{DERP_PORT} )"]).stdout
+        for word in out.split():
+            if word in ("cubic", "bbr", "reno", "bbr2", "bbr3", "dctcp", "htcp", "vegas"):
+                seen.add(word)
+    return "/".join(sorted(seen)) or "?"
+
+
+def iperf_cc(lab: Lab, host: str, server_ip: str, seconds: float, pids: dict[str, int],
+             cc: str | None) -> IperfResult:
+    """One iperf3 TCP run ``host`` -> ``server_ip`` with ``-C cc`` (None: the namespace default),
+    and the CPU of ``pids`` over it."""
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    t0 = time.monotonic()
+    cmd = ["iperf3", "-c", server_ip, "-t", str(seconds), "-J", "--connect-timeout", "5000"]
+    if cc is not None:
+        cmd += ["-C", cc]
+    cp = lab.exec(host, cmd, timeout=seconds + 60, check=False)
+    wall = time.monotonic() - t0
+    after = {k: cpu_seconds(p) for k, p in pids.items()}
+    try:
+        end = json.loads(cp.stdout)["end"]
+        bps = float(end["sum_received"]["bits_per_second"])
+        retr = int(end["sum_sent"].get("retransmits", 0))
+        used = str(end.get("sender_tcp_congestion", cc or ""))
+    except (ValueError, KeyError) as e:
+        raise RuntimeError(f"iperf3 failed ({e}): {cp.stdout[-800:]}{cp.stderr[-800:]}") from None
+    if cc is not None and used and used != cc:
+        raise RuntimeError(f"iperf3 asked for -C {cc} but the sender used {used}")
+    return IperfResult(bps / 1e6, retr, {k: 100.0 * (after[k] - before[k]) / wall for k in pids})
+
+
+def relay_counts(m: MeshLab, relay: str) -> tuple[int, int, str]:
+    """The relay's own account: (kernel-forwarded packets, userspace-forwarded packets, mode).
+    Kernel counters count skbs: a GSO super-packet from a sender is one."""
+    sess = json.loads(m.cli(relay, "debug", "peer-relay-sessions", "--json").stdout)
+    met = sess.get("metrics", {})
+    if met.get("kernel"):
+        mode = "kernel fast path"
+    else:
+        why = met.get("kernel_unavailable")
+        mode = "userspace" + (f" (kernel unavailable: {why})" if why else "")
+    return (int(met.get("kernel_forwarded_packets", 0)),
+            int(met.get("userspace_forwarded_packets", 0)), mode)
+
+
+def run_condition(impaired: bool, seconds: float, tmp: Path) -> list[Row]:
+    rows: list[Row] = []
     with Lab(topology(impaired), state_dir=None) as lab:
+        if impaired:  # before any daemon or DERP server opens a TCP connection
+            for h in (*CLIENTS, SERVER_HOST):
+                set_route_cc(lab, h, LEG_CC)
+        inner = [(cc, cc) for cc in INNER_CCS] if impaired else [
+            (None, f"{cc_of(lab, 'a0')} (default)")]
         m = MeshLab(lab, tmp)
         m.start_derp("1a")
         m.start_control(derp_map([(1, [("1a", lab.address(SERVER_HOST))])]))
         (tmp / "paths-policy.json").write_text(json.dumps(POLICY))
         m.admin("policy", "set", "-f", str(tmp / "paths-policy.json"))
         with concurrent.futures.ThreadPoolExecutor(6) as ex:
-            for f in [ex.submit(start, m, n) for n in ("r", "rk", "a0", "b0", "a1", "b1")]:
+            for f in [ex.submit(start, m, n) for n in ("r", "rk", *CLIENTS)]:
                 f.result()
         for b in ("b0", "b1"):
             lab.spawn(b, ["iperf3", "-s"], name="iperf3")
         m.settle("a0", "b0")
+        cond = "impaired" if impaired else "clean"
         for path in PATHS:
             a, b = ("a0", "b0") if path == "direct" else ("a1", "b1")
             if path != "direct":
@@ -121,46 +238,127 @@ def run_condition(impaired: bool, seconds: float, tmp: Path) -> dict[str, IperfR
                 pids[f"relay {relay}"] = m.daemons[relay].pid
             else:
                 pids["DERP server"] = m.derps["1a"].pid
-            res = iperf_to(lab, a, m.ipv4(b), seconds, pids)
-            print(f"{'impaired' if impaired else 'clean':>8} {path:>12}: {res.mbit_s:7.1f} "
-                  f"Mbit/s, {res.retransmits} retr, "
-                  + ", ".join(f"{k} {v:.0f}%" for k, v in res.cpu_pct.items()), flush=True)
-            if path == "relay-kernel":
-                sess = json.loads(m.cli("rk", "debug", "peer-relay-sessions", "--json").stdout)
-                print("   rk kernel:", sess["metrics"].get("kernel"),
-                      sess["metrics"].get("kernel_forwarded_packets"),
-                      sess["metrics"].get("kernel_unavailable"), flush=True)
-            out[path] = res
+            for cc, label in inner:
+                before = relay_counts(m, relay) if relay else None
+                res = iperf_cc(lab, a, m.ipv4(b), seconds, pids, cc)
+                note = ""
+                if relay and before:
+                    k, u, mode = relay_counts(m, relay)
+                    note = (f"{mode}; this run: {k - before[0]} pkts by the kernel, "
+                            f"{u - before[1]} by userspace")
+                legs = f"TCP {derp_leg_ccs(lab)}" if path == "derp" else "UDP"
+                rows.append(Row(path, label, legs, res, note))
+                print(f"{cond:>8} {path:>12} inner {label:<15} legs {legs:<10}: "
+                      f"{res.mbit_s:7.1f} Mbit/s, {res.retransmits} retr, "
+                      + ", ".join(f"{k} {v:.0f}%" for k, v in res.cpu_pct.items())
+                      + (f" [{note}]" if note else ""), flush=True)
+    return rows
+
+
+def _ratio(x: float, y: float) -> float:
+    return x / y if y > 0 else float("inf")
+
+
+def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Per inner cc: relay/direct and relay/DERP for the userspace and the kernel relay."""
+    out: dict[str, dict[str, float]] = {}
+    by = {(r.path, r.inner_cc): r.result.mbit_s for r in rows}
+    for cc in dict.fromkeys(r.inner_cc for r in rows):
+        d, u, k, dp = (by.get((p, cc), 0.0) for p in PATHS)
+        out[cc] = {"user/direct": _ratio(u, d), "kernel/direct": _ratio(k, d),
+                   "user/derp": _ratio(u, dp), "kernel/derp": _ratio(k, dp)}
     return out
 
 
-def render(results: dict[str, dict[str, IperfResult]], args: argparse.Namespace) -> str:
+def reading(results: dict[str, list[Row]]) -> list[str]:
+    """Which goal is met where, from the numbers of this run, and why it splits that way."""
+    met: dict[str, list[str]] = {"direct+": [], "direct-": [], "derp+": [], "derp-": []}
+    for cond, rows in results.items():
+        for cc, rs in ratios(rows).items():
+            for relay in ("user", "kernel"):
+                name = f"{cond} inner {cc} {'userspace' if relay == 'user' else 'kernel'} relay"
+                ok = rs[f"{relay}/direct"] >= GOAL_DIRECT
+                met["direct+" if ok else "direct-"].append(f"{name} ({rs[f'{relay}/direct']:.2f})")
+                if cond == "impaired":
+                    ok = rs[f"{relay}/derp"] >= GOAL_DERP
+                    met["derp+" if ok else "derp-"].append(f"{name} ({rs[f'{relay}/derp']:.1f})")
+    def names(key: str) -> str:
+        return "; ".join(met[key]) or "none"
+
+    out = [f"Reading. Goal relay/direct >= {GOAL_DIRECT}: met by {names('direct+')}; NOT met by "
+           f"{names('direct-')}. Goal relay/DERP >= {GOAL_DERP:g} under loss: met by "
+           f"{names('derp+')}; NOT met by {names('derp-')}."]
+    imp = results.get("impaired")
+    if imp:
+        by = {(r.path, r.inner_cc): r.result.mbit_s for r in imp}
+        rs = ratios(imp)
+        derp_ok = {cc: [rs[cc][f"{k}/derp"] >= GOAL_DERP for k in ("user", "kernel")]
+                   for cc in rs}
+        split = ""
+        if all(derp_ok.get("bbr", [False])) and not any(derp_ok.get("cubic", [True])):
+            split = (" So in this run relay/DERP >= 10 under loss holds exactly when the user's "
+                     "own TCP is loss-tolerant (inner bbr) over DERP legs on Linux's default "
+                     "(cubic); with a loss-based inner cc (cubic) the relay is no better than "
+                     "DERP on a lossy path.")
+        legs = next((r.legs for r in imp if r.path == "derp"), "TCP")
+        out += [
+            "",
+            f"Why it splits by congestion control: on DERP the loss hits the outer {legs} legs "
+            f"(daemon -> DERP server -> daemon), which retransmit it and back off, so the inner "
+            f"flow sees a slow but lossless pipe and its own cc hardly matters (DERP "
+            f"{by.get(('derp', 'bbr'), 0):.1f} Mbit/s with inner bbr, "
+            f"{by.get(('derp', 'cubic'), 0):.1f} with inner cubic). On the UDP paths (direct, "
+            f"peer relay) the inner flow meets the loss end to end: bbr does not treat random "
+            f"loss as congestion and keeps its rate (relay {by.get(('relay', 'bbr'), 0):.1f}, "
+            f"kernel relay {by.get(('relay-kernel', 'bbr'), 0):.1f} Mbit/s), cubic cuts its "
+            f"window at every loss as the DERP legs do (relay "
+            f"{by.get(('relay', 'cubic'), 0):.1f}, kernel relay "
+            f"{by.get(('relay-kernel', 'cubic'), 0):.1f} Mbit/s)."
+            + split
+            + " With bbr on every DERP leg instead (this host's default, inherited by the lab "
+            "namespaces; the 2026-11-24 16:32 UTC run, no explicit cc) DERP kept 150 Mbit/s "
+            "under the same loss and relay/DERP was 1.4.",
+        ]
+    return out
+
+
+def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         "## Paths: direct, peer relay, DERP (relaymesh daemons, lab)",
         "",
         f"`bench/paths.py --seconds {args.seconds:g}`, one run, {stamp}. iperf3 TCP A -> B",
         "through the tunnel: direct between two easy NATs; via a peer relay between two hard",
-        "NATs (userspace forwarding, and the nftables fast path); via DERP (the hard pair with",
-        "`--path-policy PEER=no-relay`). Impaired: 20 ms RTT, 0.5% loss on the sender's uplink.",
+        "NATs (relay `r` with `RELAYMESH_RELAY_KERNEL=0`: userspace forwarding; relay `rk` with",
+        "`=1`: the nftables fast path); via DERP (the hard pair with `--path-policy",
+        "PEER=no-relay`). Impaired: 20 ms RTT, 0.5% loss on the sender's uplink, every TCP leg",
+        f"of the DERP path (clients' and DERP host's namespaces) on `{LEG_CC}` (Linux's default;",
+        "per-route `congctl`, see bench/paths.py; \"tunnel legs\" shows what `ss -ti` read back),",
+        "the inner flow once with `iperf3 -C bbr` and once with `-C cubic`. Clean: every TCP on",
+        "the namespaces' inherited default (shown).",
         "2 shared vCPUs run both iperf3 ends, both daemons and the relay or DERP server:",
         "compare ratios, not absolute figures.",
         "",
-        "| condition | path | Mbit/s | retransmits | CPU % (per process) |",
-        "|---|---|---:|---:|---|",
+        "| condition | path | inner TCP cc | tunnel legs | Mbit/s | retransmits | CPU % "
+        "(per process) | relay forwarding |",
+        "|---|---|---|---|---:|---:|---|---|",
     ]
-    for cond, res in results.items():
-        for path, r in res.items():
-            cpu = ", ".join(f"{k} {v:.0f}" for k, v in r.cpu_pct.items())
-            lines.append(f"| {cond} | {path} | {r.mbit_s:.1f} | {r.retransmits} | {cpu} |")
+    for cond, rows in results.items():
+        for r in rows:
+            cpu = ", ".join(f"{k} {v:.0f}" for k, v in r.result.cpu_pct.items())
+            lines.append(f"| {cond} | {r.path} | {r.inner_cc} | {r.legs} | "
+                         f"{r.result.mbit_s:.1f} | {r.result.retransmits} | {cpu} | "
+                         f"{r.note or '-'} |")
     lines.append("")
-    for cond, res in results.items():
-        if {"direct", "relay", "derp"} <= set(res):
-            d, rl, dp = res["direct"].mbit_s, res["relay"].mbit_s, res["derp"].mbit_s
-            k = res.get("relay-kernel")
-            kk = f", kernel relay/direct {k.mbit_s / d:.2f}" if k and d else ""
-            lines.append(f"- {cond}: relay/direct {rl / d:.2f}{kk}, relay/DERP "
-                         f"{rl / dp:.1f} (goals: >= 0.9; >= 10 under loss)")
+    for cond, rows in results.items():
+        legs = next((r.legs for r in rows if r.path == "derp"), "?")
+        for cc, rs in ratios(rows).items():
+            lines.append(textwrap.fill(
+                f"- {cond}, inner {cc}, DERP legs {legs}: relay/direct "
+                f"{rs['user/direct']:.2f} (userspace), {rs['kernel/direct']:.2f} (kernel); "
+                f"relay/DERP {rs['user/derp']:.1f} (userspace), {rs['kernel/derp']:.1f} "
+                f"(kernel)", width=100, subsequent_indent="  "))
+    lines += [""] + [textwrap.fill(p, width=100) if p else p for p in reading(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -168,16 +366,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--no-impaired", action="store_true", help="clean condition only")
+    ap.add_argument("--no-clean", action="store_true", help="impaired condition only")
     ap.add_argument("--no-write", action="store_true", help="print only; docs untouched")
     args = ap.parse_args()
-    results: dict[str, dict[str, IperfResult]] = {}
-    conds = [False] if args.no_impaired else [False, True]
+    results: dict[str, list[Row]] = {}
+    conds = [c for c in (False, True) if not (args.no_impaired if c else args.no_clean)]
+    t0 = time.monotonic()
     for impaired in conds:
         with tempfile.TemporaryDirectory(prefix="rm-bench-paths-") as tmp:
             name = "impaired" if impaired else "clean"
             results[name] = run_condition(impaired, args.seconds, Path(tmp))
     body = render(results, args)
     print(body)
+    print(f"(bench time {time.monotonic() - t0:.0f} s)", flush=True)
     if not args.no_write:
         update_doc_section(ROOT / "docs" / "benchmarks.md", SECTION, body)
     return 0
