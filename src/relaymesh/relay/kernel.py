@@ -151,7 +151,7 @@ def flows_for(
 
 def ruleset(port: int, flows: Sequence[Flow], limits: RelayLimits,
             old_chains: Iterable[str] = (), old_objects: Iterable[tuple[str, str]] = ()) -> str:
-    """The ``nft -f`` transaction that makes the table forward exactly ``flows``.
+    """The nft script (one atomic transaction) that makes the table forward exactly ``flows``.
 
     Creates the table's skeleton if missing, rebuilds every chain and map, keeps the counters of
     flows that stay (their values are the metrics), and deletes chains and objects (``("counter",
