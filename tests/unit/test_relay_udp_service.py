@@ -3,6 +3,7 @@ callback, session listing by name, metrics; and the kernel path's pure rule buil
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from relaymesh import disco, relay
 from relaymesh.keys import DiscoKey, PrivateKey
-from relaymesh.relay import RelayLimits, SessionStats, State
+from relaymesh.relay import RelayLimits, SessionStats, State, nftlib
 from relaymesh.relay.kernel import Flow, flows_for, ruleset
 from relaymesh.relay.service import RelayService
 
@@ -143,6 +144,27 @@ def test_load_reports_the_core_figure_and_zero_when_stopped() -> None:
     finally:
         service.stop()
     assert service.load() == 0.0
+
+
+def test_kernel_path_falls_back_to_userspace_with_the_reason_without_libnftables(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nftlib, "LIBRARY", "libnftables-missing.so.0")
+    monkeypatch.setattr(nftlib, "_lib", None)
+    monkeypatch.setattr(nftlib, "_lib_error", None)
+    assert "libnftables-missing.so.0" in (nftlib.available() or "")
+    service = RelayService(PrivateKey.generate(), lambda x, y: True, host="127.0.0.1",
+                           discover_candidates=False, kernel=True)
+    service.start(0)
+    try:
+        assert service.kernel is None
+        reason = service.kernel_reason
+        assert reason  # not root, or the missing library when root
+        if os.geteuid() == 0:
+            assert "libnftables-missing.so.0" in reason
+        assert service.metrics()["kernel_unavailable"] == reason
+        assert service.running  # userspace forwarding is up
+    finally:
+        service.stop()
 
 
 # ---- kernel path rule builder (pure) -----------------------------------------------------------
