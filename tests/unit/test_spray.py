@@ -32,6 +32,7 @@ from relaymesh.magicsock.spray import (
     Role,
     Sprayer,
     SprayStart,
+    is_public_endpoint,
     role_for,
 )
 from relaymesh.node.disco import DERP_HOST, DiscoManager, Send
@@ -274,7 +275,7 @@ def test_disco_hard_node_opens_sockets_pings_from_each_and_asks_over_derp() -> N
     assert len(opened) == SPRAY_SOCKETS and closed == []
     sprayed = [s for s in sends if s.sock]
     assert {s.sock for s in sprayed} == set(opened)
-    assert {s.addr for s in sprayed} == set(n.node[2].endpoints)  # only the peer's endpoints
+    assert {s.addr for s in sprayed} == {EIM_PUB}  # only the peer's public endpoint(s)
     reqs = [s for s in sends if s.derp is not None
             and isinstance(disco.open_sealed(s.data, n.disco[2])[1], SprayRequest)]
     assert len(reqs) == 1 and reqs[0].addr == (DERP_HOST, 1)
@@ -316,6 +317,18 @@ def test_disco_hard_or_unknown_receiver_never_probes(eim_role: tuple[bool, bool 
     assert out == [] and n.m[2].drops["spray_request_not_eim"] == 1
     later = n.m[2].tick(1.0)
     assert all(s.addr[0] != HARD_PUB for s in later)
+
+
+def test_disco_peer_without_a_public_endpoint_is_not_sprayed() -> None:
+    """A udp-blocked peer has no STUN mapping to report: only LAN addresses, which the hard
+    side's mappings could never meet (the probes come from the peer's public side)."""
+    n = Nodes()
+    n.node[2].endpoints = [("10.1.0.10", 41641), ("192.168.1.5", 41641)]
+    n.m[1].set_peers([n.node[2]], 0.0)
+    n.run_data(1, 10.0)
+    assert n.m[1].take_socket_changes() == ([], [])
+    assert is_public_endpoint("198.18.1.2") and is_public_endpoint("203.0.113.9")
+    assert not any(map(is_public_endpoint, ["10.0.0.1", "100.64.0.1", "fd7a::1", "fe80::1"]))
 
 
 def test_disco_udp_blocked_never_sprays() -> None:

@@ -219,6 +219,27 @@ def test_twin_nat_matrix(kind_a: str, kind_b: str) -> None:
     received = {d for _, d, _ in b.got}
     sent = {b"DATA%d" % i for i in range(0, 160, 2)}  # A sent the even sequence numbers
     assert sent <= received, f"{len(sent - received)} of A's packets never reached B"
+    spray_checks(kind_a, kind_b, a, b)
+
+
+def spray_checks(kind_a: str, kind_b: str, a: TwinNode, b: TwinNode) -> None:
+    """Who sprayed: only a hard side; it probes only an EIM peer; a spray that went direct
+    leaves exactly the winning socket open, and the hard side's path lives on it."""
+    for me, other, mine, theirs in ((a, b, kind_a, kind_b), (b, a, kind_b, kind_a)):
+        sprays = me.disco.spray.counters.get("sprays", 0)
+        rounds = me.disco.spray.counters.get("probe_rounds", 0)
+        if mine != "hard" or theirs in ("none", "one2one") or "udp-blocked" in (mine, theirs):
+            assert me.spray_opened == 0, f"{mine} opened spray sockets toward {theirs}"
+        if mine == "hard" or "udp-blocked" in (mine, theirs):
+            assert rounds == 0, f"{mine} probed {theirs}"
+        if mine == "hard" and theirs in ("easy", "firewall"):
+            assert sprays == 1 and me.disco.spray.counters.get("hits") == 1
+            assert len(me.spray_socks) == 1  # the losers closed after the window
+            assert other.disco.spray.counters.get("probe_rounds") == 1
+            desc = me.disco.describe(other.node_id, me.now)
+            assert desc is not None and "(spray socket " in desc
+        if mine == "hard" and theirs == "hard":
+            assert sprays <= 1 and not me.spray_socks  # once, then the peer is known hard
 
 
 def test_twin_direct_path_that_dies_falls_back_to_derp_mirroring_first() -> None:

@@ -7,9 +7,10 @@ pings come from a port the peer never sent to, and the peer's pings go to a port
 to the STUN server. Tailscale's "How NAT traversal works" describes the fix used here:
 
 - The HARD side (its own netcheck: mapping varies by destination) opens ``SPRAY_SOCKETS`` (N=256)
-  extra UDP sockets and pings the peer's endpoints from each. Each ping creates a mapping
-  ``H:q_i`` on the hard NAT that accepts inbound from exactly the peer's endpoint. It then sends
-  a sealed spray-request over DERP (its public ip, N, a generation).
+  extra UDP sockets and pings the peer's public endpoints (:func:`is_public_endpoint`) from
+  each. Each ping creates a mapping ``H:q_i`` on the hard NAT that accepts inbound from exactly
+  the peer's endpoint. It then sends a sealed spray-request over DERP (its public ip, N, a
+  generation).
 - The EIM side (its own netcheck: mapping does NOT vary: easy, firewall, none, one2one) pings
   ``SPRAY_PROBES`` (M=2048) distinct random ports of that ip in ``PORT_RANGE`` (1024-65535, the
   range ``fully-random`` picks from), paced: ``PROBE_BURST`` at once, the rest spread over
@@ -48,6 +49,7 @@ sends, and the shells (daemon, twin) open and close the sockets it names by id.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -66,6 +68,23 @@ MAX_OPEN_SOCKETS = 512  # global cap on spray sockets (two sprays at once)
 MAX_TARGETS = 4  # peer endpoints each spray socket pings (the map has a handful)
 PROBE_INTERVAL = 10.0  # s: the EIM side answers one spray-request per peer this often
 MAX_PROBE_ROUNDS = 4  # concurrent probe rounds (peers) kept; more are refused (counted)
+# Addresses behind some NAT (RFC 1918, CGNAT/tailnet, ULA) or on-link: the hard side's mappings
+# must accept the peer's PUBLIC endpoint, so spraying toward these cannot help. A peer with no
+# other endpoint (e.g. udp-blocked: no STUN mapping to report) is not sprayed at all.
+NOT_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
+    "169.254.0.0/16", "0.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128", "::/128"))
+
+
+def is_public_endpoint(ip: str) -> bool:
+    """Whether a peer endpoint address can be the public side of its NAT (a spray target)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not any(addr in n for n in NOT_PUBLIC if n.version == addr.version)
 
 
 class Role(enum.Enum):

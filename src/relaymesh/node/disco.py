@@ -77,7 +77,7 @@ from relaymesh.magicsock.pathsel import (
     SendPing,
 )
 from relaymesh.magicsock.sock import usable_endpoint_ip
-from relaymesh.magicsock.spray import Sprayer, SprayStart, role_for
+from relaymesh.magicsock.spray import Sprayer, SprayStart, is_public_endpoint, role_for
 from relaymesh.node.netmap import MapNode
 from relaymesh.paths import Path
 from relaymesh.relay.header import (
@@ -488,7 +488,7 @@ class DiscoManager:
         seen: list[Addr] = []
         for a in [*p.node.endpoints, *(c.addr for c in p.paths.candidates()
                                        if c.kind is Path.DIRECT and c.addr and not c.sock)]:
-            if a is not None and a not in seen:
+            if a is not None and a not in seen and is_public_endpoint(a[0]):
                 seen.append(a)
         return seen[: self.spray.config.max_targets]
 
