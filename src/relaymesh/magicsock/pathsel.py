@@ -9,6 +9,11 @@ Preference is direct > peer relay > DERP. Among trusted UDP paths of the same ki
 latency wins, with hysteresis; a relay's effective latency is its measured latency scaled up by its
 reported load, so a busy relay loses to an idle one of similar latency.
 
+A direct candidate also names the local socket it lives on (``Candidate.sock``: 0 for the node's
+one socket, else a spray socket of the birthday-paradox spray, magicsock.spray): the same peer
+address through two sockets is two NAT mappings, so two candidates. Map updates replace only the
+main-socket direct candidates; spray-socket ones go when their socket closes (``remove_sock``).
+
 State table (per peer; "best" is the chosen UDP path, if any)::
 
     state      | event                                   | next       | data goes to

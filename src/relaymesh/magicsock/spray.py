@@ -147,8 +147,6 @@ class _Round:
     ports: list[int]
     started: float
     sent: int = 0
-    payload: bytes = b""  # one sealed ping reused for every probe (set by the disco layer)
-    txid: bytes = b""
 
 
 @dataclass
