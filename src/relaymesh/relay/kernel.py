@@ -79,6 +79,7 @@ TABLE = "relaymesh_relay"
 FAMILY = "inet"
 MIN_DATA_UDP_LEN = 16  # UDP header (8) + relay header (8): anything shorter is userspace's drop
 CMD_TIMEOUT = 10.0  # s for one helper command (sysctl, ip route get)
+REFRESH_WAIT = 0.5  # s a listing waits for a running sync before reading what is credited
 IP_FORWARD = "net.ipv4.ip_forward"
 NFT_LIMIT_MAX = (1 << 32) - 1  # nft_limit computes burst * NSEC_PER_SEC in 64 bits: keep it small
 
@@ -419,14 +420,19 @@ class KernelPath:
         and metrics call this so they are current, not up to one sync interval behind."""
         if not self._started:
             return
-        with self._sync_lock:
+        # Callers may be on the daemon's event loop: wait for a running sync (it credits the
+        # same counters) only briefly; on timeout the listing is at most one sync behind.
+        if not self._sync_lock.acquire(timeout=REFRESH_WAIT):
+            return
+        try:
             if not self._started:
                 return
-            try:
-                self._credit(server, lock, clock)
-            except KernelPathError as e:
-                self.stats.errors += 1
-                log.warning("relay kernel path: reading counters failed: %s", e)
+            self._credit(server, lock, clock)
+        except KernelPathError as e:
+            self.stats.errors += 1
+            log.warning("relay kernel path: reading counters failed: %s", e)
+        finally:
+            self._sync_lock.release()
 
     def _credit(self, server: RelayServer, lock: threading.Lock,
                 clock: Callable[[], float]) -> None:
