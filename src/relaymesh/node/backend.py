@@ -91,7 +91,9 @@ DEFAULT_PING_TIMEOUT = 5.0  # s, reference ping timeout
 NETCHECK_INTERVAL = 30.0  # s: re-measure DERP latency and the STUN mapping (NAT rebinding,
 #   roaming); the reference runs it every 20-26 s. One check is a few small datagrams per region.
 NETCHECK_RETRY = 5.0  # s: after a check that got no region at all (DERP down at start)
-RELAY_KERNEL_ENV = "RELAYMESH_RELAY_KERNEL"  # "1": try the relay's nftables fast path
+# "0": the relay forwards in userspace only. Default: the nftables fast path where possible (its
+# table is owned by this process, so the kernel removes it when the daemon dies, even by SIGKILL).
+RELAY_KERNEL_ENV = "RELAYMESH_RELAY_KERNEL"
 #   (docs/peer-relays.md; falls back to userspace by itself). Off by default until it has been
 #   measured through daemons on more hosts (bench/paths.py measures both).
 RELAY_BPS_ENV = "RELAYMESH_RELAY_CLIENT_BYTES_PER_SECOND"  # per-client byte rate limit of the
@@ -319,7 +321,7 @@ class Backend:
         # list the TUN's tailnet address (relaying through the tunnel itself)
         svc = RelayService(self.st.disco_key, self._relay_allowed, resolver=self._relay_name,
                            limits=limits, static_endpoints=statics, discover_candidates=False,
-                           kernel=os.environ.get(RELAY_KERNEL_ENV) == "1")
+                           kernel=os.environ.get(RELAY_KERNEL_ENV) != "0")
         try:
             port = svc.start(want)
         except OSError as e:
