@@ -45,7 +45,7 @@ messages = st.one_of(
     st.builds(disco.Pong, tx_ids, addrs),
     st.builds(disco.CallMeMaybe, addr_lists),
     st.builds(disco.AllocateRequest, disco_keys, disco_keys, u32),
-    st.builds(disco.AllocateResponse, u32, endpoints),
+    st.builds(disco.AllocateResponse, u32, endpoints, st.integers(0, 1000)),
     st.builds(disco.CallMeMaybeVia, endpoints),
     st.builds(disco.Bind, vnis, u32, disco_keys),
     st.builds(disco.Challenge, vnis, u32, macs),
@@ -186,3 +186,17 @@ def test_fuzz_open_mutated_sealed_packets() -> None:
         mutated[i] ^= 0x40
         with pytest.raises(disco.DiscoError):
             disco.open_sealed(bytes(mutated), BOB)
+
+
+def test_allocate_response_load_is_permille_and_out_of_range_is_refused() -> None:
+    ep = disco.RelayEndpoint(ALICE.disco_public(), (ALICE.disco_public(), BOB.disco_public()),
+                             1, 42, 30_000, 300_000, ((IPv4Address("198.18.7.2"), 40000),))
+    wire = disco.encode_message(disco.AllocateResponse(7, ep, 250))
+    assert disco.decode_message(wire) == disco.AllocateResponse(7, ep, 250)
+    with pytest.raises(disco.DiscoError):
+        disco.encode_message(disco.AllocateResponse(7, ep, 1001))
+    body_at = wire.index(b"\x00\x00\x00\x07") + 4  # the load follows the generation
+    assert wire[body_at:body_at + 2] == (250).to_bytes(2, "big")
+    bad = wire[:body_at] + (1001).to_bytes(2, "big") + wire[body_at + 2:]
+    with pytest.raises(disco.DiscoError, match="load"):
+        disco.decode_message(bad)

@@ -8,6 +8,7 @@ unwrapping (TrackingDevice) and the Prometheus text of the daemon's metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from ipaddress import ip_address
@@ -314,3 +315,15 @@ def test_tailnet_addresses_among_relay_candidates_are_never_bound() -> None:
     out, _ = net.m["b"].handle(seal(CallMeMaybeVia(ep), KEYS["a"][1], b_disco), ("derp", 1),
                                0.0, via_derp=1)
     assert [s.addr for s in out] == [RELAY_ADDR]
+
+
+def test_the_relays_load_from_its_allocate_response_ranks_the_relay_path() -> None:
+    net = granted()
+    # three sessions (a-b, and a and b each with the relay node r) of four: 75% load, as the
+    # relay answers the allocations that a sends while on the relay (rediscovery, 60 s)
+    net.relay.limits = dataclasses.replace(net.relay.limits, max_sessions=4)
+    net.run(65.0)
+    assert len(net.relay.metrics(with_sessions=True).sessions) == 3
+    assert net.m["a"].path(IDS["b"], net.now) is Path.PEER_RELAY
+    (row,) = [r for r in net.m["a"].report(IDS["b"], net.now) if r.kind is Path.PEER_RELAY]
+    assert row.reason.endswith("relay load 75%"), row

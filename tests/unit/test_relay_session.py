@@ -545,3 +545,19 @@ def test_load_sample_gaps_weigh_as_their_length() -> None:
     w2.srv.sample_load(11.0)
     assert w1.srv.forwarding_rate == pytest.approx(w2.srv.forwarding_rate, rel=1e-9)
     assert w1.srv.forwarding_rate == pytest.approx(300 * (1 - 2.718281828459045 ** -1), rel=1e-6)
+
+
+def test_allocate_response_carries_the_load_in_permille() -> None:
+    w, ep = bound_pair(RelayLimits(max_sessions=4, capacity_pps=100.0))
+    a, b = w.a.disco_public(), w.b.disco_public()
+    resp = w.srv.handle_allocate(a, b, 1, 1.0, True)
+    assert resp is not None and resp.load_permille == 250  # 1 of 4 sessions, no traffic yet
+    w.srv.sample_load(1.0)
+    for t in range(2, 62):  # 90 pkt/s for a minute: the rate beats occupancy
+        assert w.srv.credit(ep.session_id, 0, 90, 9000, float(t))
+        w.srv.sample_load(float(t))
+    resp = w.srv.handle_allocate(a, b, 2, 62.0, True)
+    assert resp is not None and 890 <= resp.load_permille <= 900
+    w.srv.load_capacity_pps = 1000.0  # the shell's capacity (kernel path on) is what clients see
+    resp = w.srv.handle_allocate(a, b, 3, 62.0, True)
+    assert resp is not None and resp.load_permille == 250

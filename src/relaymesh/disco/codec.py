@@ -41,7 +41,8 @@ ping               0x01  tx id (12) + sender node key (32)
 pong               0x02  tx id (12) + observed source address (18)
 call-me-maybe      0x03  k addresses (18 each, 0 <= k <= MAX_ENDPOINTS)
 allocate-request   0x04  client disco key 0 (32) + client disco key 1 (32) + generation (4)
-allocate-response  0x05  generation (4, echoed from the request) + relay endpoint description
+allocate-response  0x05  generation (4, echoed from the request) + load (2, permille 0..1000) +
+                         relay endpoint description
 call-me-maybe-via  0x06  relay endpoint description
 bind               0x07  session id (4) + generation (4) + other client's disco key (32)
 challenge          0x08  session id (4) + generation (4) + MAC (32)
@@ -88,6 +89,7 @@ ADDR_LEN = 18  # 16-byte IPv6 (v4-mapped for IPv4) + 2-byte port
 MAX_ENDPOINTS = 64  # bounds call-me-maybe and relay candidates; real nodes have a handful
 MAX_VNI = (1 << 24) - 1  # the relay header carries 24 bits of session id
 MAX_U32 = (1 << 32) - 1
+LOAD_PERMILLE_MAX = 1000  # allocate-response load: 1000 = the relay is full
 MAX_U64 = (1 << 64) - 1
 MAX_SPRAY_SOCKETS = 1024  # spray-request socket count bound (magicsock.spray uses 256)
 
@@ -177,6 +179,10 @@ class AllocateResponse:
 
     generation: int
     endpoint: RelayEndpoint
+    # The relay's load, 0 (idle) .. 1000 (full): max(forwarded pkt/s over capacity, sessions over
+    # the session cap). Clients rank relays by latency * (1 + load); it is not in the endpoint
+    # description because call-me-maybe-via forwards that to the peer, who asks the relay itself.
+    load_permille: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +242,7 @@ Message = (
     | SprayRequest
 )
 
+_U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U32U32 = struct.Struct(">II")
 _ENDPOINT_FIXED = struct.Struct(">32s32s32sQIII")  # relay endpoint description without candidates
@@ -332,9 +339,11 @@ def encode_message(msg: Message) -> bytes:
         case AllocateRequest(a, b, gen):
             _check_u32("generation", gen)
             body = a.raw + b.raw + _U32.pack(gen)
-        case AllocateResponse(gen, ep):
+        case AllocateResponse(gen, ep, load):
             _check_u32("generation", gen)
-            body = _U32.pack(gen) + _encode_endpoint(ep)
+            if not 0 <= load <= LOAD_PERMILLE_MAX:
+                raise DiscoError(f"load must be 0..{LOAD_PERMILLE_MAX} permille")
+            body = _U32.pack(gen) + _U16.pack(load) + _encode_endpoint(ep)
         case CallMeMaybeVia(ep):
             body = _encode_endpoint(ep)
         case Bind(sid, gen, other):
@@ -398,9 +407,12 @@ def decode_message(data: bytes) -> Message:
             DiscoKey(body[:32]), DiscoKey(body[32:64]), _U32.unpack_from(body, 64)[0]
         )
     if mtype == MessageType.ALLOCATE_RESPONSE:
-        if len(body) < 4:
+        if len(body) < 6:
             raise DiscoError("allocate-response too short")
-        return AllocateResponse(_U32.unpack_from(body)[0], _decode_endpoint(body[4:]))
+        load = _U16.unpack_from(body, 4)[0]
+        if load > LOAD_PERMILLE_MAX:
+            raise DiscoError("allocate-response load over 1000 permille")
+        return AllocateResponse(_U32.unpack_from(body)[0], _decode_endpoint(body[6:]), load)
     if mtype == MessageType.CALL_ME_MAYBE_VIA:
         return CallMeMaybeVia(_decode_endpoint(body))
     if mtype in (MessageType.BIND, MessageType.CHALLENGE, MessageType.ANSWER):

@@ -496,6 +496,8 @@ class PeerPaths:
                 state, reason = "lost", f"pings unanswered for {PATH_LOST_AFTER} s"
             else:
                 state, reason = "untested", "not probed yet"
+            if c.kind is Path.PEER_RELAY:  # relays rank by latency * (1 + load)
+                reason += f"; relay load {st.load:.0%}"
             rows.append(PathReport(c.describe(), c.kind, state, lat, reason))
         for desc, reason in self._excluded.items():
             rows.append(PathReport(desc, Path.PEER_RELAY, "unavailable", None, reason))

@@ -64,7 +64,7 @@ from relaymesh.disco import (
     open_sealed,
     seal,
 )
-from relaymesh.disco.codec import SprayRequest
+from relaymesh.disco.codec import LOAD_PERMILLE_MAX, SprayRequest
 from relaymesh.keys import DiscoKey, NodeKey, PrivateKey
 from relaymesh.magicsock.pathsel import (
     SESSION_ACTIVE_TIMEOUT,
@@ -189,6 +189,7 @@ class DiscoManager:
         self._alloc_gen = 0
         self._bind_gen = 0
         self._pending_alloc: dict[tuple[DiscoKey, DiscoKey], int] = {}  # (relay, peer) -> gen
+        self._relay_load: dict[str, float] = {}  # relay name -> load 0..1 of its last answer
         self._binds: collections.OrderedDict[RelayKey, _Bind] = collections.OrderedDict()
         self._relay_paths: dict[RelayKey, tuple[int, Candidate]] = {}
         self._bound_at: dict[RelayKey, float] = {}
@@ -267,6 +268,7 @@ class DiscoManager:
             del self._binds[k]
         for p in self._peers.values():
             p.paths.remove_relay(name)
+        self._relay_load.pop(name, None)
 
     def _apply_relay_availability(self) -> None:
         avail = bool(self.relays) or self.local_relay is not None
@@ -625,7 +627,14 @@ class DiscoManager:
             self.relay_counters["allocate_response_unknown_peer"] += 1
             return []
         self.relay_counters["allocate_response"] += 1
-        return self._use_endpoint(self._peers[pid], ep, relay.name, now, tell_peer=True)
+        load = msg.load_permille / LOAD_PERMILLE_MAX
+        self._relay_load[relay.name] = load
+        p = self._peers[pid]
+        for c in p.paths.candidates():  # a bound path on this relay ranks by its new load
+            if c.kind is Path.PEER_RELAY and c.relay == relay.name:
+                p.paths.set_relay_candidate(c, idle_lifetime=ep.idle_lifetime_ms / 1000.0,
+                                            load=load)
+        return self._use_endpoint(p, ep, relay.name, now, tell_peer=True)
 
     def _on_call_me_maybe_via(self, peer: _Peer, sender: DiscoKey, ep: RelayEndpoint,
                               now: float) -> list[Send]:
@@ -716,7 +725,8 @@ class DiscoManager:
             if p is None:
                 return [], []
             self._relay_paths[key] = (bind.peer_id, bind.cand)
-            p.paths.set_relay_candidate(bind.cand, idle_lifetime=bind.idle_lifetime)
+            p.paths.set_relay_candidate(bind.cand, idle_lifetime=bind.idle_lifetime,
+                                        load=self._relay_load.get(bind.cand.relay, 0.0))
             self.relay_counters["bound"] += 1
             # the answer binds us; the ping behind it finds the peer once it is bound too
             return [Send(answer, src), *self._actions(p, p.paths.probe(bind.cand, now), now)], []

@@ -258,6 +258,9 @@ class RelayServer:
         self._retired_packets = 0
         self._retired_bytes = 0
         self._load_at: float | None = None  # time of the last load sample
+        # capacity behind the load in allocate responses (None: limits.capacity_pps); the shell
+        # raises it while the kernel fast path forwards
+        self.load_capacity_pps: float | None = None
         self._load_packets = 0  # forwarded packets (all time) at that sample
         self._rate = 0.0  # averaged forwarded pkt/s
 
@@ -314,7 +317,8 @@ class RelayServer:
             sess = self._create(requester, other, now)
         elif sess.state is not State.BOUND:
             sess.allocated_at = now  # a fresh bind window for the clients that asked again
-        return disco.AllocateResponse(generation, self.endpoint(sess.session_id))
+        load = round(self.load(self.load_capacity_pps) * disco.LOAD_PERMILLE_MAX)
+        return disco.AllocateResponse(generation, self.endpoint(sess.session_id), load)
 
     def handle_allocate_packet(
         self,
