@@ -120,10 +120,14 @@ class RelayLimits:
     secret_rotation: float = SECRET_ROTATION
     max_sessions: int = 10_000
     max_sessions_per_client: int = 256
-    packets_per_second: float = 50_000.0  # per client disco key, all its sessions together
-    packet_burst: float = 5_000.0
-    bytes_per_second: float = 50_000_000.0  # 400 Mbit/s per client
-    byte_burst: float = 5_000_000.0
+    # Per client disco key, all its sessions together. Fairness between clients, not a speed cap:
+    # one client's tunnel moves ~0.85 Gbit/s (~75k pkt/s) direct on the 2-vCPU reference machine,
+    # and the first defaults (50k pkt/s, 400 Mbit/s) throttled a single iperf3 flow through the
+    # relay to 0.44 of direct (bench/paths.py, 2026-11-24). Lower them on a shared relay.
+    packets_per_second: float = 200_000.0
+    packet_burst: float = 20_000.0  # 0.1 s at the rate
+    bytes_per_second: float = 250_000_000.0  # 2 Gbit/s
+    byte_burst: float = 25_000_000.0  # 0.1 s at the rate
     capacity_pps: float = CAPACITY_PPS  # forwarded pkt/s at which load() reads 1.0
 
 
