@@ -225,6 +225,7 @@ class MeshDatapath(Datapath):
         outbox = self.outbox
         dc = self.derp_counters
         rc = self.relay_counters
+        relay_n = relay_bytes = 0
         for tx in transmits:
             ep = tx.endpoint
             if type(ep) is PeerEndpoint:
@@ -250,11 +251,14 @@ class MeshDatapath(Datapath):
                 hdr = ep.relay_hdr
                 if hdr is not None:
                     data = hdr + tx.data
-                    rc["tx_packets"] += 1
-                    rc["tx_bytes"] += len(data)
+                    relay_n += 1
+                    relay_bytes += len(data)
                     udp.append(_RelayTx(ep, data))
                     continue
             udp.append(tx)
+        if relay_n:  # counted once per batch: two dict updates per packet cost ~0.1 us each
+            rc["tx_packets"] += relay_n
+            rc["tx_bytes"] += relay_bytes
         if udp:
             super()._send_all(udp, c)
 
