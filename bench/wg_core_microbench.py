@@ -1,18 +1,26 @@
 """Microbenchmark of the sans-IO WireGuard hot path: us/packet for send_packet and receive.
 
 No I/O: two Devices with an established session, 1400-byte IPv4 packets, one core. Run:
-    .venv/bin/python bench/wg_core_microbench.py [--packets N]
+    .venv/bin/python bench/wg_core_microbench.py [--packets N] [--no-write]
 Also reports the raw ChaCha20-Poly1305 cost of the same size, to show what is crypto and what is
-interpreter work.
+interpreter work, and the node's receive of a direct datagram vs one that came through a peer relay
+(the relay header unwrap). Writes the ``wg_core`` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import sys
 import time
+from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from relaymesh.magicsock.route import PeerEndpoint
+from relaymesh.node.engine import TrackingDevice
+from relaymesh.node.filter import InboundFilter
+from relaymesh.relay.header import PROTO_WIREGUARD, encode_header
 from relaymesh.wireguard.testing import MemoryNet, ipv4_packet
 
 
@@ -20,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--packets", type=int, default=200_000)
     ap.add_argument("--size", type=int, default=1400)
+    ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     net = MemoryNet()
     a, b = net.add("a"), net.add("b")
@@ -48,6 +57,27 @@ def main() -> None:
     t_recv = t_recv_total / done * 1e6
     assert not b.device.drops, b.device.drops
 
+    # the same receive through the node's device wrapper, as a direct datagram and as one that
+    # came through a peer relay (8-byte relay header: parse, session lookup, unwrap)
+    td = TrackingDevice(b.device, InboundFilter(), lambda: now)
+    pe = PeerEndpoint(a.device.public_key)
+    relay = ("198.18.0.50", 40000)
+    td.relay_in = {(relay, 42): pe}
+    hdr = encode_header(42, PROTO_WIREGUARD)
+    t_wrap: dict[str, float] = {}
+    for mode, source in (("direct", src), ("relay", relay)):
+        total, done = 0.0, 0
+        while done < n:
+            wire = [send(pkt, now)[0].data for _ in range(batch)]
+            views = [memoryview(hdr + d if mode == "relay" else d) for d in wire]
+            t0 = time.perf_counter()
+            for v in views:
+                td.receive(v, source, now)
+            total += time.perf_counter() - t0
+            done += batch
+        t_wrap[mode] = total / done * 1e6
+    assert not td.relay_drops and not b.device.drops, (td.relay_drops, b.device.drops)
+
     aead = ChaCha20Poly1305(bytes(32))
     nonce, padded = bytes(12), pkt + bytes(-len(pkt) & 15)
     t0 = time.perf_counter()
@@ -59,11 +89,25 @@ def main() -> None:
         aead.decrypt(nonce, ct, None)
     t_dec = (time.perf_counter() - t0) / n * 1e6
 
-    print(f"{args.size}-byte packets, {n} each way, one core")
-    print(f"send_packet (route+encrypt+frame): {t_send:6.2f} us/pkt ({1e6 / t_send:,.0f} pkt/s)")
-    print(f"receive (decrypt+replay+checks):   {t_recv:6.2f} us/pkt ({1e6 / t_recv:,.0f} pkt/s)")
-    print(f"raw ChaCha20-Poly1305 encrypt:     {t_enc:6.2f} us, decrypt {t_dec:.2f} us")
+    lines = [
+        f"{args.size}-byte packets, {n} each way, one core",
+        f"send_packet (route+encrypt+frame): {t_send:6.2f} us/pkt ({1e6 / t_send:,.0f} pkt/s)",
+        f"receive (decrypt+replay+checks):   {t_recv:6.2f} us/pkt ({1e6 / t_recv:,.0f} pkt/s)",
+        f"node receive, direct datagram:     {t_wrap['direct']:6.2f} us/pkt",
+        f"node receive, via a peer relay:    {t_wrap['relay']:6.2f} us/pkt (relay header unwrap)",
+        f"raw ChaCha20-Poly1305 encrypt:     {t_enc:6.2f} us, decrypt {t_dec:.2f} us",
+    ]
+    print("\n".join(lines))
+    if args.no_write:
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import ROOT, update_doc_section
 
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = (f"## WireGuard core and the node's receive, per packet (no I/O)\n\n"
+            f"`.venv/bin/python bench/wg_core_microbench.py --packets {n}`, {when}:\n\n"
+            "```\n" + "\n".join(lines) + "\n```\n")
+    update_doc_section(ROOT / "docs" / "benchmarks.md", "wg_core", body)
 
 if __name__ == "__main__":
     main()
