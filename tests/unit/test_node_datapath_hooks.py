@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from asyncwait import poll_until as wait_for
 
 from relaymesh.disco import MAGIC
 from relaymesh.wireguard.datapath import Datapath, open_udp_socket
@@ -72,15 +72,6 @@ def setup() -> Iterator[Setup]:
         tun.close()
         sock.close()
         tx.close()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def test_divert_takes_disco_and_leaves_wireguard_to_the_core(setup: Setup) -> None:

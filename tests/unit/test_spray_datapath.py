@@ -5,12 +5,12 @@ peer routed through a spray socket gets its WireGuard sent from that socket."""
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from asyncwait import poll_until as wait_for
 
 from relaymesh.disco import MAGIC
 from relaymesh.magicsock.route import MeshDatapath, PeerEndpoint
@@ -51,15 +51,6 @@ class Core:
 
     def next_deadline(self) -> float | None:
         return None
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def udp(port: int = 0) -> socket.socket:

@@ -17,6 +17,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from asyncwait import poll_until as wait_for
 
 from relaymesh.keys import PrivateKey
 from relaymesh.wireguard.datapath import Datapath, open_udp_socket
@@ -70,15 +71,6 @@ Pair = tuple[Datapath, MemoryTun, Datapath, MemoryTun]
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request: pytest.FixtureRequest) -> int:
     return int(request.param)
-
-
-def wait_for(cond: object, timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.005)
-    return False
 
 
 @pytest.fixture

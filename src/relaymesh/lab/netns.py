@@ -9,25 +9,20 @@ process inside a namespace keeps it alive after ``ip netns del``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
-NETNS_DIR = Path("/run/netns")
+# re-exported: the lab's users import them from here; they live where the relay can use them
+from relaymesh.nsthread import NETNS_DIR as NETNS_DIR
+from relaymesh.nsthread import run_in_netns as run_in_netns
+
 # Every lab namespace starts with this; `relaymesh lab down --all` removes all of them.
 NS_PREFIX = "rm-"
 _RUN_ID_RE = re.compile(r"^[a-z0-9]{3,8}$")
-
-
-CLONE_NEWNET = 0x40000000  # <sched.h>: setns() joins a network namespace
-_T = TypeVar("_T")
 
 
 class LabError(RuntimeError):
@@ -183,34 +178,3 @@ def cleanup_run(run_id: str) -> list[str]:
 def cleanup_all() -> list[str]:
     """Remove every ``rm-*`` namespace of every run: only for `relaymesh lab down --all`."""
     return delete_namespaces([n for n in list_netns() if n.startswith(NS_PREFIX)])
-
-
-def run_in_netns(ns: str, fn: Callable[[], _T]) -> _T:
-    """Run ``fn`` on a thread that has joined network namespace ``ns``; return its result.
-
-    Sockets created there keep that namespace after the thread ends, so a test or benchmark can
-    open a socket "inside" a lab host and use it from the calling thread.
-    """
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        try:
-            fd = os.open(NETNS_DIR / ns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {ns}: {os.strerror(err)}")
-                box["result"] = fn()
-            finally:
-                os.close(fd)
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=run, name=f"netns-{ns}")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    result: _T = box["result"]
-    return result

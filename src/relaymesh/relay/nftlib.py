@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import threading
-from pathlib import Path
 from typing import Any
+
+from relaymesh.nsthread import run_in_netns
 
 LIBRARY = "libnftables.so.1"
 NFT_CTX_DEFAULT = 0  # nftables.h: nft_ctx_new() flags
 NFT_CTX_OUTPUT_JSON = 1 << 4  # nftables.h: enum nft_ctx_output_flags
-CLONE_NEWNET = 0x40000000  # <sched.h>: setns() joins a network namespace
-NETNS_DIR = Path("/run/netns")  # where `ip netns` keeps named namespaces
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -84,34 +82,6 @@ def available() -> str | None:
     return None
 
 
-def _in_netns(ns: str, fn: Any) -> Any:
-    """Run ``fn()`` on a thread that joined network namespace ``ns`` (the thread then ends; what
-    it created, like a netlink socket, keeps the namespace). The same as
-    ``relaymesh.lab.netns.run_in_netns``, repeated so the daemon's relay does not import the lab."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        try:
-            fd = os.open(NETNS_DIR / ns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {ns}: {os.strerror(err)}")
-                box["result"] = fn()
-            finally:
-                os.close(fd)
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=run, name=f"nft-netns-{ns}")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
 class Nft:
     """One libnftables context for the life of its owner; ``close()`` frees it (and so closes
     its socket: tables it created with ``flags owner`` go away)."""
@@ -124,7 +94,7 @@ class Nft:
             return ctx
 
         try:
-            ctx = new() if netns is None else _in_netns(netns, new)
+            ctx = new() if netns is None else run_in_netns(netns, new)
         except OSError as e:
             raise NftError(f"cannot enter network namespace {netns}: {e}") from e
         if not ctx:
