@@ -5,11 +5,13 @@ DERP server (+ STUN) on ``srv`` on the lab internet; relay node ``r`` on the int
 ``--relay-server-port``; ``a`` and ``b`` each behind a ``hard`` NAT; ``c`` behind a ``one2one``
 NAT; a policy whose grant ``tag:client -> tag:relay`` lets a, b and c use r.
 
-Why c is not behind ``easy`` as issue 7 first said: the lab's ``easy`` NAT filters by address and
-port, and a ``hard`` NAT's per-destination port cannot be predicted by such a filter, so easy<->hard
-stays on DERP (or, with the grant, on the peer relay) and never goes direct (docs/nat-grid.md).
-Behind ``one2one`` (a 1:1 NAT with no inbound filter, like a cloud VM's public address) c is
-reachable from a and b, so a-c and b-c go direct, while a-b (hard/hard) needs the relay.
+Why c is behind ``one2one`` and not ``easy`` as issue 7 first said: when the demo was written,
+easy<->hard could not go direct (the lab's ``easy`` NAT filters by address and port, and a ``hard``
+NAT's per-destination port is random). The birthday-paradox spray (docs/magicsock.md) now makes
+easy<->hard direct in the lab, but the twin version of this story (:mod:`relaymesh.demo_twin`,
+built from the same topology) does not model spray sockets yet, so c stays behind ``one2one`` (a
+1:1 NAT with no inbound filter, like a cloud VM's public address): a-c and b-c go direct by the
+ordinary punch, while a-b (hard/hard) needs the relay.
 
 The story: (1) the live path table as ``relaymesh status`` reports it; (2) iperf3 through the
 tunnel on each path; (3) r's daemon is killed during an a->b transfer: a-b moves to DERP while the
