@@ -226,6 +226,7 @@ class MeshDatapath(Datapath):
         dc = self.derp_counters
         rc = self.relay_counters
         relay_n = relay_bytes = 0
+        gso = self._gso
         for tx in transmits:
             ep = tx.endpoint
             if type(ep) is PeerEndpoint:
@@ -250,15 +251,21 @@ class MeshDatapath(Datapath):
                     continue
                 hdr = ep.relay_hdr
                 if hdr is not None:
-                    data = hdr + tx.data
                     relay_n += 1
-                    relay_bytes += len(data)
-                    udp.append(_RelayTx(ep, data))
+                    relay_bytes += len(hdr) + len(tx.data)
+                    # with GSO the send joins the header in (Datapath._send_gso, once per run);
+                    # plain sends need it in the datagram
+                    udp.append(tx if gso else _RelayTx(ep, hdr + tx.data))
                     continue
             udp.append(tx)
         if relay_n:  # counted once per batch: two dict updates per packet cost ~0.1 us each
             rc["tx_packets"] += relay_n
             rc["tx_bytes"] += relay_bytes
+            if gso and len(udp) == 1:  # one datagram goes out by plain sendto: header it here
+                tx = udp[0]
+                ep = tx.endpoint
+                if type(ep) is PeerEndpoint and ep.relay_hdr is not None:
+                    udp[0] = _RelayTx(ep, ep.relay_hdr + tx.data)
         if udp:
             super()._send_all(udp, c)
 
