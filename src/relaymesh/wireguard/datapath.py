@@ -603,9 +603,15 @@ class Datapath:
     def _poller(self, fds: Sequence[int]) -> tuple[Any, int, dict[int, _Extra]]:
         """A poll set of ``fds``, the wake pipe and the extra sockets; drains the wake pipe
         first, so a change made after this is seen at the next generation compare."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # ends with BlockingIOError once the pipe is empty
             while os.read(self._wake_r, 4096):
                 pass
+        if self._stopping.is_set():
+            # the drained bytes may include stop()'s wake-up, which every thread polling the pipe
+            # needs (the outbound thread blocks on it too): put one back. stop() sets the flag
+            # before it writes, so a stop is never lost.
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
         gen, extra = self._extra_gen, self._extra
         poller = select.poll()
         for fd in (*fds, self._wake_r, *extra):
