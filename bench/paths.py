@@ -90,8 +90,7 @@ class Row:
 def topology(impaired: bool) -> Topology:
     topo = Topology("pathsbench")
     for host, nat in (("a0", "easy"), ("b0", "easy"), ("a1", "hard"), ("b1", "hard")):
-        topo.add_network(f"n{host}", nat=nat)
-        topo.add_host(host, network=f"n{host}")
+        topo.add_host_behind(host, nat)
         if impaired:
             loss = 0.5 if host.startswith("a") else 0.0
             topo.set_impairment(host, delay_ms=10.0, loss_pct=loss)

@@ -147,11 +147,7 @@ def step(title: str) -> Iterator[None]:
 def topology() -> Topology:
     topo = Topology("demo")
     for host, (nat, _) in NODES.items():
-        if nat is None:
-            topo.add_host(host)
-        else:
-            topo.add_network(f"n{host}", nat=nat)
-            topo.add_host(host, network=f"n{host}")
+        topo.add_host_behind(host, nat)
     topo.add_host(SERVER_HOST)
     return topo
 

@@ -88,11 +88,7 @@ CANARY_SENDER = textwrap.dedent("""
 def topology() -> Topology:
     topo = Topology("peerrelay")
     for host, (nat, _) in NODES.items():
-        if nat is None:
-            topo.add_host(host)
-        else:
-            topo.add_network(f"n{host}", nat=nat)
-            topo.add_host(host, network=f"n{host}")
+        topo.add_host_behind(host, nat)
     topo.add_port_forward("nr3", "r3", RELAY_PORT)
     topo.set_impairment("r2", delay_ms=SLOW_MS)
     topo.add_host(SERVER_HOST)

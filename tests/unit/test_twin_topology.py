@@ -80,3 +80,13 @@ def test_nat_pair_shape() -> None:
     t = nat_pair("easy", "hard")
     assert [h.name for h in t.hosts_on(None)] == ["srv"]
     assert [h.name for h in t.hosts_on("lan_b")] == ["b"]
+
+
+def test_add_host_behind_puts_each_host_on_its_own_natted_lan_or_the_internet() -> None:
+    topo = Topology("behind")
+    topo.add_host_behind("a", "hard")
+    topo.add_host_behind("r", None)
+    assert topo.hosts["a"].network == "na" and topo.networks["na"].nat == "hard"
+    assert topo.hosts["r"].network is None and "nr" not in topo.networks
+    with pytest.raises(TopologyError):
+        topo.add_host_behind("b", "no-such-nat")

@@ -127,6 +127,14 @@ class Topology:
         self.hosts[name] = host
         return host
 
+    def add_host_behind(self, name: str, nat: str | None) -> Host:
+        """A host alone on its own LAN ``n<name>`` behind a NAT of kind ``nat``; on the internet
+        when ``nat`` is None (the shape of the demo, the peer-relay tests and the path bench)."""
+        if nat is None:
+            return self.add_host(name)
+        self.add_network(f"n{name}", nat=nat)
+        return self.add_host(name, network=f"n{name}")
+
     def set_impairment(
         self,
         host: str,
