@@ -185,7 +185,10 @@ class RelayService:
             return
         self.kernel = kp
         self.kernel_reason = None
-        self._set_capacity()
+        shell = self.shell
+        if shell is not None:  # load() and allocate responses: the kernel forwards far more
+            with shell.lock:
+                shell.server.load_capacity_pps = self.limits.capacity_pps * KERNEL_CAPACITY_FACTOR
         log.info("relay: kernel fast path on (nftables table owned by this process: it goes "
                  "when the process does)")
         t = threading.Thread(target=self._sync_loop, name="relay-kernel-sync", daemon=True)
@@ -341,17 +344,7 @@ class RelayService:
         if shell is None:
             return 0.0
         with shell.lock:
-            return shell.server.load(self._capacity())
-
-    def _capacity(self) -> float:
-        return self.limits.capacity_pps * (KERNEL_CAPACITY_FACTOR if self.kernel else 1.0)
-
-    def _set_capacity(self) -> None:
-        """The load in allocate responses uses the same capacity as :meth:`load`."""
-        shell = self.shell
-        if shell is not None:
-            with shell.lock:
-                shell.server.load_capacity_pps = self._capacity()
+            return shell.server.load()
 
     def metrics(self) -> dict[str, object]:
         """Forwarded packets/bytes (userspace + kernel), sessions by state, drops by reason."""

@@ -262,8 +262,8 @@ class RelayServer:
         self._retired_packets = 0
         self._retired_bytes = 0
         self._load_at: float | None = None  # time of the last load sample
-        # capacity behind the load in allocate responses (None: limits.capacity_pps); the shell
-        # raises it while the kernel fast path forwards
+        # capacity behind load() and the load in allocate responses (None: limits.capacity_pps);
+        # the service raises it while the kernel fast path forwards
         self.load_capacity_pps: float | None = None
         self._load_packets = 0  # forwarded packets (all time) at that sample
         self._rate = 0.0  # averaged forwarded pkt/s
@@ -321,7 +321,7 @@ class RelayServer:
             sess = self._create(requester, other, now)
         elif sess.state is not State.BOUND:
             sess.allocated_at = now  # a fresh bind window for the clients that asked again
-        load = round(self.load(self.load_capacity_pps) * disco.LOAD_PERMILLE_MAX)
+        load = round(self.load() * disco.LOAD_PERMILLE_MAX)
         return disco.AllocateResponse(generation, self.endpoint(sess.session_id), load)
 
     def handle_allocate_packet(
@@ -674,10 +674,12 @@ class RelayServer:
     def load(self, capacity_pps: float | None = None) -> float:
         """0 (idle) .. 1 (full): max(rate / capacity, sessions / max_sessions).
 
-        ``capacity_pps`` overrides ``limits.capacity_pps`` (e.g. a relay whose kernel fast path
-        forwards has more headroom).
+        ``capacity_pps`` overrides ``load_capacity_pps`` (set by the service: a relay whose kernel
+        fast path forwards has more headroom), which overrides ``limits.capacity_pps``.
         """
-        cap = self.limits.capacity_pps if capacity_pps is None else capacity_pps
+        cap = capacity_pps if capacity_pps is not None else (
+            self.load_capacity_pps if self.load_capacity_pps is not None
+            else self.limits.capacity_pps)
         by_rate = self._rate / cap if cap > 0 else 0.0
         by_sessions = len(self._sessions) / self.limits.max_sessions \
             if self.limits.max_sessions > 0 else 0.0
