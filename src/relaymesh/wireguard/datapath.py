@@ -421,13 +421,12 @@ class Datapath:
             # every datagram of the run leaves with that header in front; looked up once per
             # run and joined into the one GSO buffer, so relayed sends cost no extra copy
             pre: bytes | None = getattr(ep, "relay_hdr", None)
-            if pre is not None:
-                size += len(pre)
-            limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size) if size else 1
+            seg_size = size if pre is None else size + len(pre)  # on the wire
+            limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg_size) if seg_size else 1
             j = i + 1
             while j < count and j - i < limit:
                 t = transmits[j]
-                ln = len(t.data) if pre is None else len(t.data) + len(pre)
+                ln = len(t.data)
                 if ln > size or (t.endpoint is not ep and t.endpoint != ep):
                     break
                 j += 1
@@ -438,7 +437,7 @@ class Datapath:
                 if j - i == 1:
                     n = sendto(first.data if pre is None else pre + first.data, sa)
                 else:
-                    seg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+                    seg = [(SOL_UDP, UDP_SEGMENT, seg_size.to_bytes(2, sys.byteorder))]
                     run = transmits[i:j]
                     buf = (b"".join([t.data for t in run]) if pre is None
                            else b"".join([x for t in run for x in (pre, t.data)]))
