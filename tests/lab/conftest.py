@@ -43,11 +43,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture
-def lab_factory(request: pytest.FixtureRequest) -> Iterator[LabFactory]:
-    """Call with a Topology (and Lab keyword arguments); get a started Lab, torn down after."""
-    labs: list[Lab] = []
-    request.node.stash[_LABS_KEY] = labs
+def _maker(labs: list[Lab]) -> LabFactory:
+    """Start a Lab for a Topology and remember it in ``labs`` for the teardown."""
 
     def make(topology: Topology, **kwargs: Any) -> Lab:
         kwargs.setdefault("state_dir", None)  # tests do not show up in `relaymesh lab exec`
@@ -55,13 +52,26 @@ def lab_factory(request: pytest.FixtureRequest) -> Iterator[LabFactory]:
         labs.append(lab)
         return lab.start()
 
-    yield make
+    return make
+
+
+def _close_and_check(labs: list[Lab]) -> None:
+    """Tear every lab down; fail the test if any left something behind."""
     leaks: list[str] = []
     for lab in labs:
         lab.close()
         leaks += lab.leaks()
     if leaks:
         pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
+
+
+@pytest.fixture
+def lab_factory(request: pytest.FixtureRequest) -> Iterator[LabFactory]:
+    """Call with a Topology (and Lab keyword arguments); get a started Lab, torn down after."""
+    labs: list[Lab] = []
+    request.node.stash[_LABS_KEY] = labs
+    yield _maker(labs)
+    _close_and_check(labs)
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +80,9 @@ def module_lab_factory(request: pytest.FixtureRequest) -> Iterator[LabFactory]:
     several tests); the leak check runs once at the end, and a failing test of the module gets
     every host's output attached."""
     labs = _MODULE_LABS.setdefault(request.module.__name__, [])
-
-    def make(topology: Topology, **kwargs: Any) -> Lab:
-        kwargs.setdefault("state_dir", None)
-        lab = Lab(topology, **kwargs)
-        labs.append(lab)
-        return lab.start()
-
-    yield make
-    leaks: list[str] = []
-    for lab in labs:
-        lab.close()
-        leaks += lab.leaks()
+    yield _maker(labs)
     _MODULE_LABS.pop(request.module.__name__, None)
-    if leaks:
-        pytest.fail("lab run left things behind: " + "; ".join(leaks), pytrace=False)
+    _close_and_check(labs)
 
 
 @pytest.hookimpl(hookwrapper=True)
