@@ -16,6 +16,8 @@ import pytest
 from asyncwait import poll_until as wait_for
 
 from relaymesh.disco import MAGIC
+from relaymesh.relay.header import PROTO_DISCO, PROTO_WIREGUARD, encode_header
+from relaymesh.relay.header import WIREGUARD_PREFIX as RELAY_WIREGUARD_PREFIX
 from relaymesh.wireguard.datapath import Datapath, open_udp_socket
 from relaymesh.wireguard.tun import MemoryTun
 
@@ -100,6 +102,27 @@ def test_divert_returning_false_passes_the_datagram_to_the_core(setup: Setup) ->
     _, core, _, send = setup(divert=lambda data, src: False)
     send(b"garbage")
     assert wait_for(lambda: core.seen == [b"garbage"])
+
+
+def test_framed_wireguard_skips_divert_other_relay_frames_do_not(setup: Setup) -> None:
+    """The node passes the relay header's WireGuard prefix as ``framed``: relayed WireGuard goes
+    to the device without the divert's copy; relayed disco (same header, other protocol) and
+    plain disco still reach divert."""
+    got: list[bytes] = []
+
+    def divert(data: bytes, src: tuple[str, int]) -> bool:
+        got.append(data)
+        return True
+
+    _, core, _, send = setup(divert=divert, framed=RELAY_WIREGUARD_PREFIX)
+    wg = encode_header(7, PROTO_WIREGUARD) + b"\x04\x00\x00\x00wg"
+    relayed_disco = encode_header(7, PROTO_DISCO) + MAGIC + b"d" * 40
+    disco = MAGIC + b"x" * 40
+    for d in (wg, relayed_disco, disco):
+        send(d)
+    assert wait_for(lambda: len(got) == 2 and len(core.seen) == 1)
+    assert core.seen == [wg]
+    assert got == [relayed_disco, disco]
 
 
 def test_inbound_filter_drops_and_counts(setup: Setup) -> None:

@@ -30,6 +30,7 @@ from relaymesh.node.filter import InboundFilter
 from relaymesh.relay.header import HEADER_LEN as RELAY_HEADER_LEN
 from relaymesh.relay.header import PROTO_WIREGUARD
 from relaymesh.relay.header import PROTOCOLS as RELAY_PROTOCOLS
+from relaymesh.relay.header import WIREGUARD_PREFIX as RELAY_WIREGUARD_PREFIX
 from relaymesh.stun import is_stun
 from relaymesh.wireguard.device import Device, Received, Transmit
 from relaymesh.wireguard.tun import TunLike
@@ -64,8 +65,8 @@ class TrackingDevice:
     WireGuard initiation, so the datapath's divert hook never sees it; WireGuard's bytes 1-3
     are zero, STUN's byte 1 is not, so one byte test per datagram tells them apart).
 
-    Peer relay: a relay-framed WireGuard datagram (byte 0 is 0; the divert hook left it to us)
-    is unwrapped here: (relay ip:port, session id) must be a relay session the disco layer bound
+    Peer relay: a relay-framed WireGuard datagram (the datapath's ``framed`` prefix sends it
+    here without the divert hook) is unwrapped here: (relay ip:port, session id) must be a relay session the disco layer bound
     for a peer (``relay_in``), the peer's stable ``PeerEndpoint`` becomes the source, and the
     decrypted sender must be that same peer; anything else is dropped and counted."""
 
@@ -175,6 +176,7 @@ class Engine:
             clock=clock,
             divert=divert,
             inbound_filter=lambda packet, peer: flt.allow(packet, clock()),
+            framed=RELAY_WIREGUARD_PREFIX,  # relayed WireGuard: straight to the tracking device
         )
         holder.append(self.datapath)
         self._addresses: set[str] = set()

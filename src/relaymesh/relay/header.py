@@ -27,6 +27,9 @@ CONTROL_BIT = 0x80  # byte 1
 PROTO_DISCO = 0x5244  # "RD": a sealed disco packet follows
 PROTO_WIREGUARD = 0x5257  # "RW": a WireGuard packet follows
 PROTOCOLS = frozenset({PROTO_DISCO, PROTO_WIREGUARD})
+# bytes 0..3 of every relay-framed WireGuard data packet (version 0, no options, control clear):
+# one compare tells a receiving node's datapath it is WireGuard for the device, not disco
+WIREGUARD_PREFIX = bytes([VERSION << 6, 0]) + PROTO_WIREGUARD.to_bytes(2, "big")
 MAX_SESSION_ID = (1 << 24) - 1  # 24-bit VNI
 
 _HDR = struct.Struct(">BBHI")  # VNI and the reserved byte share the last 32 bits

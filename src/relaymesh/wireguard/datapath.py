@@ -218,9 +218,13 @@ class Datapath:
         offload: bool = True,
         divert: Callable[[bytes, tuple[str, int]], bool] | None = None,
         inbound_filter: Callable[[bytes, Any], bool] | None = None,
+        framed: bytes = b"",
     ) -> None:
         """``divert(datagram_copy, source)`` sees every datagram whose first byte is not a
         WireGuard type (1..4), e.g. disco, before the core; True means it consumed it.
+        ``framed``: datagrams starting with these bytes are WireGuard in a frame the device
+        unwraps itself (the node's peer-relay header); they skip ``divert`` and its copy, which
+        cost a relayed packet more than the unwrap does.
         ``inbound_filter(packet, peer)`` judges each decrypted packet before the TUN write; False
         drops it (counted as ``filtered``). Both run on the inbound thread under the lock."""
         if threads not in (1, 2):
@@ -232,6 +236,7 @@ class Datapath:
         self.clock = clock
         self.divert = divert
         self.inbound_filter = inbound_filter
+        self.framed = framed
         self.lock = threading.Lock()
         self.counters = Counters()
         # UDP GSO/GRO (see _send_gso/_drain_udp): fewer syscalls per packet, where available
@@ -519,6 +524,8 @@ class Datapath:
         nbytes = 0
         ndgrams = 0
         divert = self.divert if extra is None else extra.divert
+        framed = self.framed if extra is None else b""  # spray sockets: no relay framing
+        flen = len(framed)
         flt = self.inbound_filter
         with self.lock:
             now = self.clock()
@@ -534,7 +541,8 @@ class Datapath:
                     d = view[off : end if end < total else total]
                     n = len(d)
                     ndgrams += 1
-                    if divert is not None and not 1 <= d[0] <= 4:
+                    if divert is not None and not 1 <= d[0] <= 4 and (
+                            not flen or d[:flen] != framed):
                         try:
                             if divert(bytes(d), source):
                                 continue
