@@ -240,6 +240,29 @@ def test_byte_rate_limit() -> None:
     assert w.srv.drops[Drop.RATE_LIMITED] == 1
 
 
+def test_forward_run_takes_one_decision_for_a_run_and_limits_a_prefix() -> None:
+    """A GRO run: one call for ``count`` same-header packets. Within the limits the whole run
+    goes; over them only the prefix the tokens allow, the rest counted as rate-limited."""
+    limits = RelayLimits(packets_per_second=10.0, packet_burst=8.0, bytes_per_second=1e9,
+                         byte_burst=1e9)
+    w, ep = bound_pair(limits)
+    pkt = data(ep, b"\x04" + b"r" * 100)
+    assert w.srv.forward_run(pkt, A_ADDR, 2.0, 5, 5 * len(pkt)) == (B_ADDR, 5)
+    assert w.srv.forward_run(pkt, A_ADDR, 2.0, 5, 5 * len(pkt)) == (B_ADDR, 3)  # 3 tokens left
+    assert w.srv.drops[Drop.RATE_LIMITED] == 2
+    assert w.srv.forward_run(pkt, A_ADDR, 2.0, 4, 4 * len(pkt)) == (None, 0)
+    assert w.srv.drops[Drop.RATE_LIMITED] == 6
+    st = w.srv.session_stats(ep.session_id)
+    assert st is not None and st.packets[0] == 8 and st.bytes[0] == 8 * len(pkt)
+    # the byte limit cuts a run too (each packet charged at the run's first, largest size)
+    w2, ep2 = bound_pair(RelayLimits(bytes_per_second=1000.0, byte_burst=1000.0))
+    big = data(ep2, b"\x00" * 292)  # 300 bytes with the header
+    assert w2.srv.forward_run(big, A_ADDR, 2.0, 4, 4 * 300) == (B_ADDR, 3)
+    # a run that is not routable is dropped whole and counted per packet
+    assert w2.srv.forward_run(big, ("127.0.0.9", 9), 2.0, 7, 7 * 300) == (None, 0)
+    assert w2.srv.drops[Drop.UNBOUND_SOURCE] == 7
+
+
 def test_reallocation_returns_the_same_session() -> None:
     w = make()
     ep1 = allocate(w.srv, w.a, w.b, 0.0)

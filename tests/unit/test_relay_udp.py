@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
@@ -13,6 +14,7 @@ from relaymesh import disco, relay
 from relaymesh.keys import PrivateKey
 from relaymesh.relay import RelayLimits, RelayServer
 from relaymesh.relay.udp import RelayUDP
+from relaymesh.wireguard.datapath import SOL_UDP, UDP_SEGMENT
 
 TIMEOUT = 2.0
 SO_RCVBUFFORCE = 33  # <asm/socket.h>
@@ -153,6 +155,53 @@ def test_burst_is_forwarded_in_order_and_counted(world: World) -> None:
         st = world.server.session_stats(ep.session_id)
     assert st is not None and st.packets[0 if st.clients[0] == world.a.key.disco_public() else 1] \
         == 100
+
+
+def gso_send(sock: socket.socket, datagrams: list[bytes], dest: tuple[str, int]) -> None:
+    """One sendmsg with UDP_SEGMENT: the kernel cuts it into ``datagrams`` (all one size but the
+    last), as a node's datapath sends a burst; a UDP_GRO receiver gets it back as one buffer."""
+    size = len(datagrams[0])
+    seg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+    sock.sendmsg([b"".join(datagrams)], seg, 0, dest)
+
+
+def test_gso_burst_is_forwarded_as_one_run_unmodified_and_in_order() -> None:
+    w = World(offload=True)
+    try:
+        if not w.shell.offloads["gro"]:
+            pytest.skip("no UDP GRO on this kernel's loopback")
+        ep = w.bound()
+        burst = [data(ep, b"\x04" + i.to_bytes(2, "big") * 300) for i in range(20)]
+        burst.append(data(ep, b"\x04short"))  # a shorter last segment ends the run
+        gso_send(w.a.sock, burst, w.a.relay)
+        assert [w.b.recv() for _ in burst] == burst
+        st = w.shell.counters
+        assert wait_for(lambda: st.forwarded_packets == len(burst))
+        assert st.forwarded_bytes == sum(map(len, burst))
+        assert st.forwarded_runs >= 1  # one decision for the GRO run, not one per datagram
+    finally:
+        w.close()
+
+
+def test_gro_run_with_a_foreign_header_is_routed_per_segment() -> None:
+    """Segments of one GRO buffer that carry another (unbound) session id are dropped and counted
+    one by one; the bound session's segments around them still go through, in order."""
+    w = World(offload=True)
+    try:
+        if not w.shell.offloads["gro"]:
+            pytest.skip("no UDP GRO on this kernel's loopback")
+        ep = w.bound()
+        other = ep.session_id ^ 1  # a neighbouring id no session holds
+        good = [data(ep, b"\x04" + bytes([i]) * 600) for i in range(6)]
+        bad = relay.encode_header(other, relay.PROTO_WIREGUARD) + b"\x04" + b"x" * 600
+        burst = [*good[:2], bad, bad, *good[2:5], bad, *good[5:]]
+        gso_send(w.a.sock, burst, w.a.relay)
+        assert [w.b.recv() for _ in good] == good
+        assert w.b.recv(timeout=0.2) is None
+        assert wait_for(lambda: w.drops().get("unknown_session", 0) == 3)
+        assert w.shell.counters.forwarded_packets == len(good)
+    finally:
+        w.close()
 
 
 def test_no_forwarding_before_both_sides_are_bound(world: World) -> None:

@@ -15,6 +15,13 @@ until it would block, in batches of ``BATCH``:
    runs of same-destination, same-size packets as ONE ``sendmsg`` with UDP GSO when the socket
    supports it (the kernel cuts the run into datagrams).
 
+A GRO receive is taken as runs: consecutive segments whose 8-byte relay header equals the first's
+(same session, same flags) share one ``RelayServer.forward_run`` decision (route, idle check, rate
+limits for the whole count) and leave as one GSO send of that slice of the receive buffer. A
+sender's GSO batch through a peer relay thus costs one decision and two syscalls, not one per
+datagram; a header compare per segment still routes each segment by its own header (a sender
+cannot slip another session's packet into a run).
+
 Nothing raises out of the loop: a failing syscall or a core bug on one packet is a counted drop
 (``RelayUDP.counters.drops``, by reason; the core's own drops stay in ``RelayServer.drops``).
 
@@ -67,6 +74,7 @@ class Counters:
         "drops",
         "forwarded_bytes",
         "forwarded_packets",
+        "forwarded_runs",
         "replies",
         "rx_bytes",
         "rx_packets",
@@ -77,6 +85,7 @@ class Counters:
         self.rx_bytes = 0
         self.forwarded_packets = 0  # data packets sent on to the other side
         self.forwarded_bytes = 0
+        self.forwarded_runs = 0  # GRO runs of 2+ datagrams forwarded on one decision, one send
         self.control_packets = 0  # given to handle_datagram
         self.replies = 0  # control replies sent (challenges)
         self.drops: collections.Counter[str] = collections.Counter()
@@ -289,13 +298,14 @@ class RelayUDP:
             return 0
         c = self.counters
         srv = self.server
-        forward = srv.forward
+        forward_run = srv.forward_run
         addr_of = self._addr
         sockaddr = self._sockaddr
-        out: list[tuple[memoryview | bytes, Any]] = []
+        out: list[tuple[memoryview | bytes, Any, int]] = []  # (data, sockaddr, segment size)
         nrx = 0
         nbytes = 0
         ncontrol = 0
+        hlen = HEADER_LEN
         with self.lock:
             now = self.clock()
             for i, (total, sa, seg) in enumerate(got):
@@ -305,11 +315,15 @@ class RelayUDP:
                     continue
                 source = addr_of(sa)
                 view = views[i]
-                for off in range(0, total, seg):
-                    end = off + seg
-                    d = view[off : end if end < total else total]
-                    nrx += 1
-                    if len(d) >= HEADER_LEN and d[1] & CONTROL_BIT:
+                # a run must fit one GSO send (GRO may coalesce up to 64 KiB)
+                limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg) if seg else 1
+                off = 0
+                while off < total:
+                    end = off + seg if off + seg < total else total
+                    d = view[off:end]
+                    if len(d) >= hlen and d[1] & CONTROL_BIT:
+                        nrx += 1
+                        off = end
                         c.control_packets += 1
                         ncontrol += 1
                         try:
@@ -318,16 +332,32 @@ class RelayUDP:
                             self._count_error("core_error", e)
                             continue
                         for pkt, dest in replies:
-                            out.append((pkt, sockaddr(dest)))
+                            out.append((pkt, sockaddr(dest), len(pkt)))
                             c.replies += 1
                         continue
+                    # a GRO receive: the following segments with this same header (session and
+                    # flags) form one run with one forwarding decision and one GSO send, the
+                    # datagrams back to back in the receive buffer as they arrived
+                    run_end, count = end, 1
+                    if end < total:
+                        hdr = d[:hlen]
+                        while (run_end < total and count < limit
+                               and view[run_end : run_end + hlen] == hdr):
+                            run_end = run_end + seg if run_end + seg < total else total
+                            count += 1
+                    nrx += count
                     try:
-                        to = forward(cast(bytes, d), source, now)
+                        to, n = forward_run(cast(bytes, d), source, now, count, run_end - off)
                     except Exception as e:
                         self._count_error("core_error", e)
+                        off = run_end
                         continue
-                    if to is not None:
-                        out.append((d, sockaddr(to)))
+                    if n and to is not None:
+                        stop = run_end if n == count else off + n * seg
+                        out.append((view[off:stop], sockaddr(to), seg))
+                        if n > 1:
+                            c.forwarded_runs += 1
+                    off = run_end
             if now >= self._next_expire:
                 self._next_expire = now + self.expire_interval
                 try:
@@ -346,38 +376,46 @@ class RelayUDP:
                 self._count_error("on_control_error", e)
         return len(got)
 
-    def _send(self, out: list[tuple[memoryview | bytes, Any]]) -> None:
-        """Send; runs of one destination and one size (the last may be shorter) go as one GSO
-        ``sendmsg`` with one iovec per datagram, so nothing is copied."""
+    def _send(self, out: list[tuple[memoryview | bytes, Any, int]]) -> None:
+        """Send ``(data, sockaddr, segment size)``: a run already contiguous in the receive buffer
+        (data longer than its segment size) leaves as one GSO ``sendmsg``; consecutive single
+        datagrams of one destination and one size (the last may be shorter) are gathered into
+        one, with one iovec per datagram. Nothing is copied."""
         c = self.counters
         sendto = self.sock.sendto
         sendmsg = self.sock.sendmsg
         i, count = 0, len(out)
         while i < count:
-            data, sa = out[i]
-            size = len(data)
+            data, sa, size = out[i]
             j = i + 1
-            if self._gso and size:
-                limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
-                while j < count and j - i < limit:
-                    d2, sa2 = out[j]
-                    n2 = len(d2)
-                    if n2 > size or sa2 != sa or n2 == 0:
-                        break
-                    j += 1
-                    if n2 < size:
-                        break  # a shorter datagram can only end a run
+            if len(data) > size:  # a contiguous run from one GRO receive
+                if not self._gso or size == 0:
+                    self._send_split(data, sa, size)
+                    i = j
+                    continue
+                iov: list[memoryview | bytes] = [data]
+            else:
+                if self._gso and size:
+                    limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+                    while j < count and j - i < limit:
+                        d2, sa2, s2 = out[j]
+                        n2 = len(d2)
+                        if n2 > size or sa2 != sa or n2 == 0 or s2 < n2:
+                            break
+                        j += 1
+                        if n2 < size:
+                            break  # a shorter datagram can only end a run
+                iov = [d for d, _, _ in out[i:j]]
             try:
-                if j - i == 1:
+                if j - i == 1 and len(data) <= size:
                     sendto(data, sa)
                 else:
-                    seg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
-                    sendmsg([d for d, _ in out[i:j]], seg, 0, sa)
+                    sendmsg(iov, [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0, sa)
             except OSError as e:
-                if j - i > 1 and e.errno in _GSO_UNSUPPORTED:
+                if (j - i > 1 or len(data) > size) and e.errno in _GSO_UNSUPPORTED:
                     log.info("relay: UDP GSO send failed (%s); disabling it", e)
                     self._gso = False
-                    continue  # resend this run without GSO
+                    continue  # resend this entry without GSO
                 self._count_error("send_error", e)
                 i = j
                 continue
@@ -386,8 +424,21 @@ class RelayUDP:
                 i = j
                 continue
             # control replies are counted apart; forwarded = data packets that left
-            for d, _ in out[i:j]:
+            for d, _, sz in out[i:j]:
                 if isinstance(d, memoryview):
-                    c.forwarded_packets += 1
+                    c.forwarded_packets += -(-len(d) // sz)
                     c.forwarded_bytes += len(d)
             i = j
+
+    def _send_split(self, data: memoryview | bytes, sa: Any, size: int) -> None:
+        """A contiguous run without GSO: one ``sendto`` per datagram."""
+        c = self.counters
+        for off in range(0, len(data), size or len(data)):
+            d = data[off : off + size] if size else data
+            try:
+                self.sock.sendto(d, sa)
+            except (OSError, ValueError, TypeError) as e:
+                self._count_error("send_error", e)
+                continue
+            c.forwarded_packets += 1
+            c.forwarded_bytes += len(d)
