@@ -62,7 +62,7 @@ def main() -> None:
     td = TrackingDevice(b.device, InboundFilter(), lambda: now)
     pe = PeerEndpoint(a.device.public_key)
     relay = ("198.18.0.50", 40000)
-    td.relay_in = {(relay, 42): pe}
+    td.set_relay_sessions({(relay, 42): pe})
     hdr = encode_header(42, PROTO_WIREGUARD)
     t_wrap: dict[str, float] = {}
     for mode, source in (("direct", src), ("relay", relay)):

@@ -259,15 +259,22 @@ def test_tracking_device_unwraps_relay_frames_only_for_bound_sessions() -> None:
     inner = _Inner()
     dev = TrackingDevice(inner, InboundFilter(), lambda: 0.0)  # type: ignore[arg-type]
     peer_ep = object()
-    dev.relay_in = {(RELAY_ADDR, 77): peer_ep}  # type: ignore[dict-item]
+    dev.set_relay_sessions({(RELAY_ADDR, 77): peer_ep})  # type: ignore[dict-item]
     wg = b"\x04\x00\x00\x00" + b"x" * 40
     dev.receive(memoryview(encode_header(77, PROTO_WIREGUARD) + wg), RELAY_ADDR, 0.0)
     assert inner.got == [(wg, peer_ep)]
     dev.receive(memoryview(encode_header(78, PROTO_WIREGUARD) + wg), RELAY_ADDR, 0.0)
     dev.receive(memoryview(encode_header(77, PROTO_WIREGUARD) + wg), ("198.18.9.9", 1), 0.0)
     dev.receive(memoryview(encode_header(77, PROTO_DISCO) + wg), RELAY_ADDR, 0.0)
+    control = encode_header(77, PROTO_WIREGUARD, control=True)
+    dev.receive(memoryview(control + wg), RELAY_ADDR, 0.0)
+    reserved = bytearray(encode_header(77, PROTO_WIREGUARD))
+    reserved[7] = 1  # the reserved byte must be 0
+    dev.receive(memoryview(bytes(reserved) + wg), RELAY_ADDR, 0.0)
+    dev.receive(memoryview(b"\x00" * 6), RELAY_ADDR, 0.0)  # shorter than a header
     assert len(inner.got) == 1
-    assert dev.relay_drops == {"relay_unknown_session": 2, "relay_not_wireguard": 1}
+    assert dev.relay_drops == {"relay_unknown_session": 2, "relay_not_wireguard": 2,
+                               "not_relay": 2}
     assert dev.relay_rx_packets == 1
 
 

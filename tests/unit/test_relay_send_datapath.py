@@ -72,6 +72,6 @@ def test_every_relayed_datagram_carries_the_header_and_direct_ones_do_not(
     assert recv_all(direct, 1) == [b"direct"]
     dp.transmit([Tx(pe, b"alone")])  # one datagram: plain sendto
     assert recv_all(relay, 1) == [HDR + b"alone"]
-    rc = dp.relay_counters
-    assert rc["tx_packets"] == len(burst) + 2
-    assert rc["tx_bytes"] == sum(len(HDR) + len(d) for d in [*burst, b"tail", b"alone"])
+    st = dp.stats()
+    assert st["relay_tx_packets"] == len(burst) + 2
+    assert st["relay_tx_bytes"] == sum(len(HDR) + len(d) for d in [*burst, b"tail", b"alone"])

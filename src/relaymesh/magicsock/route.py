@@ -15,8 +15,9 @@ DERP client: ``call_soon_threadsafe`` once per burst, not per packet; a full box
 
 Peer relay: the endpoint also carries ``relay_hdr`` (the 8-byte relay header of the session, or
 None). With it, ``sa`` is the relay's ip:port and every WireGuard datagram to the peer leaves as
-``relay_hdr + datagram``. Like DERP, only batches sent while some peer is on a relay
-(``relay_routes != 0``) are looked at; the direct-only hot path is unchanged. Inbound relay-framed
+``relay_hdr + datagram``: the plain datapath send code does that (``Datapath._send_gso`` joins
+the header into the GSO buffer once per run of one endpoint) and counts it (``relay_tx_*``), so a
+relayed batch takes the same path as a direct one. Inbound relay-framed
 WireGuard is unwrapped by the node's device wrapper (``node.engine.TrackingDevice``), which maps
 (relay ip:port, session id) to the peer's ``PeerEndpoint``.
 
@@ -122,16 +123,6 @@ class DerpOutbox:
             self.send(key, region, data)
 
 
-class _RelayTx:
-    """A transmit re-addressed through a peer relay: the relay header prepended."""
-
-    __slots__ = ("data", "endpoint")
-
-    def __init__(self, endpoint: Hashable, data: bytes) -> None:
-        self.endpoint = endpoint
-        self.data = data
-
-
 class MeshDatapath(Datapath):
     """The WireGuard datapath with per-peer routes (see the module docstring)."""
 
@@ -139,7 +130,7 @@ class MeshDatapath(Datapath):
         super().__init__(*args, **kwargs)
         self.outbox: DerpOutbox | None = None
         self.derp_routes = 0  # peers whose route includes DERP; 0 keeps the plain fast path
-        self.relay_routes = 0  # peers routed through a peer relay; 0 keeps the plain fast path
+        self.relay_routes = 0  # peers routed through a peer relay (a gauge; sends need no check)
         self.spray_routes = 0  # peers sent to from a spray socket; 0 keeps the plain fast path
         self._derp_eps: set[PeerEndpoint] = set()
         self._relay_eps: set[PeerEndpoint] = set()
@@ -148,7 +139,6 @@ class MeshDatapath(Datapath):
         self.spray_in: dict[tuple[int, tuple[str, int]], PeerEndpoint] = {}
         self.spray_counters: collections.Counter[str] = collections.Counter()
         self.derp_counters: collections.Counter[str] = collections.Counter()
-        self.relay_counters: collections.Counter[str] = collections.Counter()
 
     def set_outbox(self, outbox: DerpOutbox | None) -> None:
         self.outbox = outbox
@@ -218,15 +208,14 @@ class MeshDatapath(Datapath):
         return super()._sockaddr(endpoint)
 
     def _send_all(self, transmits: Sequence[TransmitLike], c: Counters) -> None:
-        if not self.derp_routes and not self.relay_routes and not self.spray_routes:
+        # relay routes need nothing here: the plain send code puts an endpoint's relay_hdr in
+        # front (once per GSO run) and counts it
+        if not self.derp_routes and not self.spray_routes:
             super()._send_all(transmits, c)
             return
         udp: list[TransmitLike] = []
         outbox = self.outbox
         dc = self.derp_counters
-        rc = self.relay_counters
-        relay_n = relay_bytes = 0
-        gso = self._gso
         for tx in transmits:
             ep = tx.endpoint
             if type(ep) is PeerEndpoint:
@@ -249,23 +238,7 @@ class MeshDatapath(Datapath):
                     c.udp_tx_bytes += n
                     self.spray_counters["tx_packets"] += 1
                     continue
-                hdr = ep.relay_hdr
-                if hdr is not None:
-                    relay_n += 1
-                    relay_bytes += len(hdr) + len(tx.data)
-                    # with GSO the send joins the header in (Datapath._send_gso, once per run);
-                    # plain sends need it in the datagram
-                    udp.append(tx if gso else _RelayTx(ep, hdr + tx.data))
-                    continue
             udp.append(tx)
-        if relay_n:  # counted once per batch: two dict updates per packet cost ~0.1 us each
-            rc["tx_packets"] += relay_n
-            rc["tx_bytes"] += relay_bytes
-            if gso and len(udp) == 1:  # one datagram goes out by plain sendto: header it here
-                tx = udp[0]
-                ep = tx.endpoint
-                if type(ep) is PeerEndpoint and ep.relay_hdr is not None:
-                    udp[0] = _RelayTx(ep, ep.relay_hdr + tx.data)
         if udp:
             super()._send_all(udp, c)
 
@@ -310,7 +283,6 @@ class MeshDatapath(Datapath):
     def stats(self) -> dict[str, int]:
         d = super().stats()
         d.update({f"derp_{k}": v for k, v in self.derp_counters.items()})
-        d.update({f"relay_{k}": v for k, v in self.relay_counters.items()})
         d.update({f"spray_{k}": v for k, v in self.spray_counters.items()})
         if self.outbox is not None:
             d["derp_outbox_dropped"] = self.outbox.dropped

@@ -28,7 +28,6 @@ from relaymesh.keys import NodeKey, PrivateKey
 from relaymesh.magicsock.route import DerpOutbox, MeshDatapath, PeerEndpoint
 from relaymesh.node.filter import InboundFilter
 from relaymesh.relay.header import HEADER_LEN as RELAY_HEADER_LEN
-from relaymesh.relay.header import PROTO_WIREGUARD
 from relaymesh.relay.header import PROTOCOLS as RELAY_PROTOCOLS
 from relaymesh.relay.header import WIREGUARD_PREFIX as RELAY_WIREGUARD_PREFIX
 from relaymesh.stun import is_stun
@@ -39,7 +38,17 @@ log = logging.getLogger(__name__)
 
 TUN_MTU = 1280  # see the module docstring
 TAILNET_ROUTES = ("100.64.0.0/10", "fd7a:115c:a1e0::/48")  # CGNAT range and Tailscale's ULA
-_RELAY_HDR = struct.Struct(">BBHI")  # relay header (relay/header.py): VNI << 8 | reserved last
+_RELAY_WORDS = struct.Struct(">II")  # relay header (relay/header.py) as two 32-bit words
+_RELAY_WG = int.from_bytes(RELAY_WIREGUARD_PREFIX, "big")  # word 0 of relayed WireGuard
+
+
+def _relay_drop_reason(w0: int, w1: int) -> str:
+    """Why a datagram starting with byte 0 is not relayed WireGuard of a known session."""
+    if w0 >> 24 or w1 & 0xFF or w0 & 0xFFFF not in RELAY_PROTOCOLS:
+        return "not_relay"
+    if w0 != _RELAY_WG:
+        return "relay_not_wireguard"  # control or disco: the divert hook's, not ours
+    return "relay_unknown_session"
 
 
 class NetConfLike(Protocol):
@@ -66,9 +75,10 @@ class TrackingDevice:
     are zero, STUN's byte 1 is not, so one byte test per datagram tells them apart).
 
     Peer relay: a relay-framed WireGuard datagram (the datapath's ``framed`` prefix sends it
-    here without the divert hook) is unwrapped here: (relay ip:port, session id) must be a relay session the disco layer bound
-    for a peer (``relay_in``), the peer's stable ``PeerEndpoint`` becomes the source, and the
-    decrypted sender must be that same peer; anything else is dropped and counted."""
+    here without the divert hook) is unwrapped here: (relay ip:port, session id) must be a
+    relay session the disco layer bound for a peer (:meth:`set_relay_sessions`), the peer's
+    stable ``PeerEndpoint`` becomes the source, and the decrypted sender must be that same
+    peer; anything else is dropped and counted."""
 
     def __init__(self, inner: Device, flt: InboundFilter, clock: Callable[[], float],
                  on_stun: Callable[[bytes, Any], None] | None = None) -> None:
@@ -76,8 +86,8 @@ class TrackingDevice:
         self.flt = flt
         self.clock = clock
         self.on_stun = on_stun
-        # (relay (ip, port), session id) -> the peer's endpoint; replaced whole (atomic swap)
-        self.relay_in: dict[tuple[tuple[str, int], int], PeerEndpoint] = {}
+        # (relay (ip, port), session id << 8) -> the peer's endpoint (set_relay_sessions)
+        self._relay_in: dict[tuple[tuple[str, int], int], PeerEndpoint] = {}
         self.relay_rx_packets = 0
         self.relay_rx_bytes = 0
         self.relay_drops: dict[str, int] = {}
@@ -91,9 +101,31 @@ class TrackingDevice:
                 ep.data_at = now
         return out
 
+    def set_relay_sessions(self, table: Mapping[tuple[tuple[str, int], int], PeerEndpoint]
+                           ) -> None:
+        """(relay (ip, port), session id) -> the peer's endpoint, for the sessions the disco
+        layer bound. Keyed internally by the header's last 32 bits (session id << 8, reserved
+        byte 0), so a packet needs one unpack and one lookup; replaced whole (atomic swap)."""
+        self._relay_in = {(relay, sid << 8): pe for (relay, sid), pe in table.items()}
+
     def receive(self, datagram: memoryview, source: Any, now: float) -> Received:
         if datagram[0] == 0:
-            return self._receive_relayed(datagram, source, now)
+            # hot path of every packet that comes through a peer relay, inline: one unpack of
+            # the header as two words (version/control/protocol; session id/reserved) and one
+            # lookup; the drop reasons are worked out only when dropping
+            if len(datagram) <= RELAY_HEADER_LEN:
+                return self._drop("not_relay")
+            w0, w1 = _RELAY_WORDS.unpack_from(datagram)
+            pe = self._relay_in.get((source, w1)) if w0 == _RELAY_WG else None
+            if pe is None:
+                return self._drop(_relay_drop_reason(w0, w1))
+            r = self.inner.receive(datagram[RELAY_HEADER_LEN:], pe, now)
+            peer = r.peer
+            if peer is not None and peer.public_key != pe.node_key:
+                return self._drop("relay_wrong_peer")  # the session belongs to another peer
+            self.relay_rx_packets += 1
+            self.relay_rx_bytes += len(datagram)
+            return r
         if datagram[1] and self.on_stun is not None:
             data = bytes(datagram)
             if is_stun(data):
@@ -104,28 +136,6 @@ class TrackingDevice:
     def _drop(self, reason: str) -> Received:
         self.relay_drops[reason] = self.relay_drops.get(reason, 0) + 1
         return Received([], [], None)
-
-    def _receive_relayed(self, datagram: memoryview, source: Any, now: float) -> Received:
-        # hot path of every packet that comes through a peer relay: one struct unpack for the
-        # whole header (byte 0 version/options, byte 1 control, protocol, VNI + reserved byte)
-        # instead of a call per field (bench: 4.8 -> see docs/peer-relays-node.md)
-        if len(datagram) <= RELAY_HEADER_LEN:
-            return self._drop("not_relay")
-        b0, b1, proto, vni = _RELAY_HDR.unpack_from(datagram)
-        if b0 or vni & 0xFF or proto not in RELAY_PROTOCOLS:
-            return self._drop("not_relay")
-        if b1 or proto != PROTO_WIREGUARD:
-            return self._drop("relay_not_wireguard")  # control/disco went to divert
-        pe = self.relay_in.get((source, vni >> 8))
-        if pe is None:
-            return self._drop("relay_unknown_session")
-        r = self.inner.receive(datagram[RELAY_HEADER_LEN:], pe, now)
-        peer = r.peer
-        if peer is not None and peer.public_key != pe.node_key:
-            return self._drop("relay_wrong_peer")  # the session belongs to another peer
-        self.relay_rx_packets += 1
-        self.relay_rx_bytes += len(datagram)
-        return r
 
     def tick(self, now: float) -> list[Transmit]:
         return self.inner.tick(now)
@@ -293,8 +303,8 @@ class Engine:
     def set_relay_inbound(self, sessions: Mapping[tuple[tuple[str, int], int], bytes]) -> None:
         """Relay sessions bound for peers: (relay (ip, port), session id) -> peer node key.
         Inbound relay-framed WireGuard from anything else is dropped (counted)."""
-        table = {k: pe for k, raw in sessions.items() if (pe := self._eps.get(raw)) is not None}
-        self.tracking.relay_in = table  # one reference swap: the datapath thread reads it
+        self.tracking.set_relay_sessions(
+            {k: pe for k, raw in sessions.items() if (pe := self._eps.get(raw)) is not None})
 
     def path_stats(self) -> dict[str, int]:
         """Packets/bytes in and out per path (direct, peer_relay, derp) for metrics. Direct is

@@ -112,6 +112,8 @@ class Counters:
 
     __slots__ = (
         "drops",
+        "relay_tx_bytes",
+        "relay_tx_packets",
         "tun_rx_bytes",
         "tun_rx_packets",
         "tun_tx_bytes",
@@ -131,6 +133,8 @@ class Counters:
         self.udp_rx_bytes = 0
         self.udp_tx_packets = 0
         self.udp_tx_bytes = 0
+        self.relay_tx_packets = 0  # of udp_tx: sent with an endpoint's ``relay_hdr`` in front
+        self.relay_tx_bytes = 0
         self.drops: collections.Counter[str] = collections.Counter()
 
     def as_dict(self) -> dict[str, int]:
@@ -405,13 +409,17 @@ class Datapath:
             return
         sendto = self.sock.sendto
         for tx in transmits:
+            pre: bytes | None = getattr(tx.endpoint, "relay_hdr", None)  # see _send_gso
             try:
-                n = sendto(tx.data, self._sockaddr(tx.endpoint))
+                n = sendto(tx.data if pre is None else pre + tx.data, self._sockaddr(tx.endpoint))
             except (OSError, ValueError, TypeError) as e:
                 self._count_error("udp_send_error", e)
                 continue
             c.udp_tx_packets += 1
             c.udp_tx_bytes += n
+            if pre is not None:
+                c.relay_tx_packets += 1
+                c.relay_tx_bytes += n
 
     def _send_gso(self, transmits: Sequence[TransmitLike], c: Counters) -> None:
         """UDP GSO: a run of datagrams to one endpoint, all of one size (the last may be shorter),
@@ -424,7 +432,8 @@ class Datapath:
             ep, size = first.endpoint, len(first.data)
             # an endpoint with a ``relay_hdr`` (magicsock.route.PeerEndpoint on a peer relay):
             # every datagram of the run leaves with that header in front; looked up once per
-            # run and joined into the one GSO buffer, so relayed sends cost no extra copy
+            # run and joined into the one GSO buffer, so relayed sends cost no extra copy and
+            # no per-datagram Python beyond the join
             pre: bytes | None = getattr(ep, "relay_hdr", None)
             seg_size = size if pre is None else size + len(pre)  # on the wire
             limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg_size) if seg_size else 1
@@ -459,6 +468,9 @@ class Datapath:
                 continue
             c.udp_tx_packets += j - i
             c.udp_tx_bytes += n
+            if pre is not None:
+                c.relay_tx_packets += j - i
+                c.relay_tx_bytes += n
             i = j
 
     def _drain_tun(self) -> int:
