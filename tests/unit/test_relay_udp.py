@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 
@@ -200,6 +201,30 @@ def test_gro_run_with_a_foreign_header_is_routed_per_segment() -> None:
         assert w.b.recv(timeout=0.2) is None
         assert wait_for(lambda: w.drops().get("unknown_session", 0) == 3)
         assert w.shell.counters.forwarded_packets == len(good)
+    finally:
+        w.close()
+
+
+def test_send_keeps_datagram_boundaries_between_runs_and_short_tails() -> None:
+    """What one drain hands to the send step: the short tail of one GRO receive (a single
+    datagram whose receive had a larger segment size) followed by full-size single datagrams and
+    a contiguous run to the same place. Every datagram must arrive with its own length: a short
+    one may only end a GSO send, never start one whose segment size is larger."""
+    w = World(offload=True)
+    try:
+        if not w.shell.offloads["gso"]:
+            pytest.skip("no UDP GSO on this kernel's loopback")
+        dest = w.b.addr
+        short, full = b"s" * 500, [bytes([i]) * 1200 for i in range(5)]
+        out: list[tuple[memoryview | bytes, Any, int]] = [
+            (memoryview(short), dest, 1200),  # a GRO tail: its receive's segment size was 1200
+            (memoryview(full[0]), dest, 1200),
+            (memoryview(full[1]), dest, 1200),
+            (memoryview(b"".join(full[2:])), dest, 1200),  # a contiguous run of three
+        ]
+        w.shell._send(out)
+        assert [w.b.recv() for _ in range(6)] == [short, *full]
+        assert w.shell.counters.forwarded_packets == 6
     finally:
         w.close()
 

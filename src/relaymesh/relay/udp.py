@@ -395,6 +395,7 @@ class RelayUDP:
                     continue
                 iov: list[memoryview | bytes] = [data]
             else:
+                size = len(data)  # a single datagram: its own length is the segment size
                 if self._gso and size:
                     limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
                     while j < count and j - i < limit:
