@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 
 .PHONY: bootstrap test test-unit test-lab lint demo bench fuzz clean
-BENCHES := wg_core_microbench wg_throughput control_fanout derp derp_vs_direct relay_forwarding anchors
+BENCHES := wg_core_microbench wg_throughput control_fanout derp derp_vs_direct relay_forwarding paths anchors
 
 bootstrap:
 	@bash scripts/bootstrap.sh

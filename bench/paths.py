@@ -36,7 +36,13 @@ Every number is CPU-bound on the 2 shared vCPUs (iperf3 on both ends, two daemon
 DERP server): compare ratios, not absolute Mbit/s. The impaired condition adds
 ``delay_ms=10`` on each client's uplink (20 ms RTT) and ``loss_pct=0.5`` on the sender's.
 
-    sudo .venv/bin/python bench/paths.py [--seconds 5] [--no-impaired | --no-clean] [--no-write]
+Single runs of 8 s vary by up to 20% on this machine (the same direct path gave 671 and 828
+Mbit/s minutes apart), more than the effects measured; so every path runs ``--rounds`` times
+(default 3), interleaved (direct, relay, kernel relay, DERP, then again), and each row reports the
+median round, with every round listed.
+
+    sudo .venv/bin/python bench/paths.py [--seconds 8] [--rounds 3] [--no-impaired | --no-clean]
+        [--no-write]
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,15 +82,22 @@ GOAL_DIRECT = 0.9  # issue 6: relay/direct >= 0.9
 GOAL_DERP = 10.0  # issue 6: relay/DERP >= 10 under loss
 
 
-@dataclass(frozen=True)
+@dataclass
 class Row:
-    """One iperf3 run: the path, the inner flow's cc and the cc of the DERP path's TCP legs."""
+    """The iperf3 runs of one path and inner cc (one per round); ``result`` is the median."""
 
     path: str
     inner_cc: str  # "bbr", "cubic", or "<default> (default)" when not given
     legs: str  # what carries the tunnel: "UDP" or "TCP <cc>" (DERP)
-    result: IperfResult
-    note: str = ""  # e.g. the relay's forwarding mode as it reported it
+    runs: list[IperfResult] = field(default_factory=list)
+    note: str = ""  # e.g. the relay's forwarding mode as it reported it (last round)
+
+    @property
+    def result(self) -> IperfResult:
+        """The median run by throughput (the lower middle one for an even count), whole: its
+        CPU figures belong to that same run."""
+        ranked = sorted(self.runs, key=lambda r: r.mbit_s)
+        return ranked[(len(ranked) - 1) // 2]
 
 
 def topology(impaired: bool) -> Topology:
@@ -206,8 +219,7 @@ def relay_counts(m: MeshLab, relay: str) -> tuple[int, int, str]:
             int(met.get("userspace_forwarded_packets", 0)), mode)
 
 
-def run_condition(impaired: bool, seconds: float, tmp: Path) -> list[Row]:
-    rows: list[Row] = []
+def run_condition(impaired: bool, seconds: float, rounds: int, tmp: Path) -> list[Row]:
     with Lab(topology(impaired), state_dir=None) as lab:
         if impaired:  # before any daemon or DERP server opens a TCP connection
             for h in (*CLIENTS, SERVER_HOST):
@@ -226,31 +238,35 @@ def run_condition(impaired: bool, seconds: float, tmp: Path) -> list[Row]:
             lab.spawn(b, ["iperf3", "-s"], name="iperf3")
         m.settle("a0", "b0")
         cond = "impaired" if impaired else "clean"
-        for path in PATHS:
-            a, b = ("a0", "b0") if path == "direct" else ("a1", "b1")
-            if path != "direct":
-                select(m, path)
-            time.sleep(1.0)
-            relay = {"direct": None, "relay": "r", "relay-kernel": "rk", "derp": None}[path]
-            pids = {"daemon A": m.daemons[a].pid, "daemon B": m.daemons[b].pid}
-            if relay:
-                pids[f"relay {relay}"] = m.daemons[relay].pid
-            else:
-                pids["DERP server"] = m.derps["1a"].pid
-            for cc, label in inner:
-                before = relay_counts(m, relay) if relay else None
-                res = iperf_cc(lab, a, m.ipv4(b), seconds, pids, cc)
-                note = ""
-                if relay and before:
-                    k, u, mode = relay_counts(m, relay)
-                    note = (f"{mode}; this run: {k - before[0]} skbs by the kernel (a GSO "
-                            f"batch counts once), {u - before[1]} datagrams by userspace")
-                legs = f"TCP {derp_leg_ccs(lab)}" if path == "derp" else "UDP"
-                rows.append(Row(path, label, legs, res, note))
-                print(f"{cond:>8} {path:>12} inner {label:<15} legs {legs:<10}: "
-                      f"{res.mbit_s:7.1f} Mbit/s, {res.retransmits} retr, "
-                      + ", ".join(f"{k} {v:.0f}%" for k, v in res.cpu_pct.items())
-                      + (f" [{note}]" if note else ""), flush=True)
+        by_key: dict[tuple[str, str], Row] = {}
+        for rnd in range(1, rounds + 1):
+            for path in PATHS:
+                a, b = ("a0", "b0") if path == "direct" else ("a1", "b1")
+                if path != "direct":
+                    select(m, path)
+                time.sleep(1.0)
+                relay = {"direct": None, "relay": "r", "relay-kernel": "rk", "derp": None}[path]
+                pids = {"daemon A": m.daemons[a].pid, "daemon B": m.daemons[b].pid}
+                if relay:
+                    pids[f"relay {relay}"] = m.daemons[relay].pid
+                else:
+                    pids["DERP server"] = m.derps["1a"].pid
+                for cc, label in inner:
+                    before = relay_counts(m, relay) if relay else None
+                    res = iperf_cc(lab, a, m.ipv4(b), seconds, pids, cc)
+                    legs = f"TCP {derp_leg_ccs(lab)}" if path == "derp" else "UDP"
+                    row = by_key.setdefault((path, label), Row(path, label, legs))
+                    row.runs.append(res)
+                    if relay and before:
+                        k, u, mode = relay_counts(m, relay)
+                        row.note = (f"{mode}; last round: {k - before[0]} skbs by the kernel (a "
+                                    f"GSO batch counts once), {u - before[1]} datagrams by "
+                                    f"userspace")
+                    print(f"{cond:>8} round {rnd}/{rounds} {path:>12} inner {label:<15} legs "
+                          f"{legs:<10}: {res.mbit_s:7.1f} Mbit/s, {res.retransmits} retr, "
+                          + ", ".join(f"{k} {v:.0f}%" for k, v in res.cpu_pct.items()),
+                          flush=True)
+        rows = list(by_key.values())
     return rows
 
 
@@ -331,7 +347,10 @@ def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
     lines = [
         "## Paths: direct, peer relay, DERP (relaymesh daemons, lab)",
         "",
-        f"`bench/paths.py --seconds {args.seconds:g}`, one run, {stamp}. iperf3 TCP A -> B",
+        f"`bench/paths.py --seconds {args.seconds:g} --rounds {args.rounds}`, one run, {stamp}.",
+        f"{args.rounds} interleaved rounds, each over every path in turn; a row shows the median",
+        "round (its CPU figures are that round's) and every round's Mbit/s, and the ratios are",
+        "of medians. iperf3 TCP A -> B",
         "through the tunnel: direct between two easy NATs; via a peer relay between two hard",
         "NATs (relay `r` with `RELAYMESH_RELAY_KERNEL=0`: userspace forwarding; relay `rk` with",
         "`=1`: the nftables fast path); via DERP (the hard pair with `--path-policy",
@@ -343,15 +362,16 @@ def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
         "2 shared vCPUs run both iperf3 ends, both daemons and the relay or DERP server:",
         "compare ratios, not absolute figures.",
         "",
-        "| condition | path | inner TCP cc | tunnel legs | Mbit/s | retransmits | CPU % "
-        "(per process) | relay forwarding |",
-        "|---|---|---|---|---:|---:|---|---|",
+        "| condition | path | inner TCP cc | tunnel legs | Mbit/s (median) | rounds (Mbit/s) "
+        "| retransmits | CPU % (per process) | relay forwarding |",
+        "|---|---|---|---|---:|---|---:|---|---|",
     ]
     for cond, rows in results.items():
         for r in rows:
             cpu = ", ".join(f"{k} {v:.0f}" for k, v in r.result.cpu_pct.items())
+            each = " / ".join(f"{x.mbit_s:.0f}" for x in r.runs)
             lines.append(f"| {cond} | {r.path} | {r.inner_cc} | {r.legs} | "
-                         f"{r.result.mbit_s:.1f} | {r.result.retransmits} | {cpu} | "
+                         f"{r.result.mbit_s:.1f} | {each} | {r.result.retransmits} | {cpu} | "
                          f"{r.note or '-'} |")
     lines.append("")
     for cond, rows in results.items():
@@ -368,7 +388,9 @@ def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds over every path; each row reports the median")
     ap.add_argument("--no-impaired", action="store_true", help="clean condition only")
     ap.add_argument("--no-clean", action="store_true", help="impaired condition only")
     ap.add_argument("--no-write", action="store_true", help="print only; docs untouched")
@@ -379,7 +401,7 @@ def main() -> int:
     for impaired in conds:
         with tempfile.TemporaryDirectory(prefix="rm-bench-paths-") as tmp:
             name = "impaired" if impaired else "clean"
-            results[name] = run_condition(impaired, args.seconds, Path(tmp))
+            results[name] = run_condition(impaired, args.seconds, args.rounds, Path(tmp))
     body = render(results, args)
     print(body)
     print(f"(bench time {time.monotonic() - t0:.0f} s)", flush=True)

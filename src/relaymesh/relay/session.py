@@ -72,8 +72,10 @@ SECRET_LEN = 32  # BLAKE2s key size
 BIND_LIFETIME = 30.0  # reference design: an unbound session dies 30 s after allocation
 IDLE_LIFETIME = 300.0  # reference design: a bound session dies after 5 min of silence
 SECRET_ROTATION = 120.0  # reference design: the challenge secret rotates every 2 minutes
-# Forwarded pkt/s that count as full load: about what the userspace loop forwards with GSO/GRO on
-# this project's 2-vCPU reference machine (docs/peer-relays.md, figures: ~220k pkt/s).
+# Forwarded pkt/s that count as full load, on this project's 2-vCPU reference machine: between
+# what the userspace loop forwards for plain senders (~125k) and for GSO senders (~1M, one
+# decision per GRO run); conservative, a relay does not know its senders' mix
+# (docs/peer-relays.md, figures).
 CAPACITY_PPS = 200_000.0
 LOAD_TAU = 10.0  # s: time constant of the forwarding-rate average behind load()
 
