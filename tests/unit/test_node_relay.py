@@ -292,6 +292,18 @@ def test_prometheus_text_has_every_path_and_the_relay_counters() -> None:
     assert "relaymesh_relay" not in render({"paths": {}})
 
 
+def test_prometheus_text_has_the_spray_counters() -> None:
+    text = render({"paths": {}, "spray": {"sprays": 2, "hits": 1, "probes_sent": 2048,
+                                          "open_sockets": 256}})
+    lines = set(text.splitlines())
+    assert 'relaymesh_spray_events_total{event="sprays"} 2' in lines
+    assert 'relaymesh_spray_events_total{event="hits"} 1' in lines
+    assert 'relaymesh_spray_events_total{event="probes_sent"} 2048' in lines
+    assert "relaymesh_spray_open_sockets 256" in lines
+    assert 'event="open_sockets"' not in text  # a gauge, not an event count
+    assert "relaymesh_spray" not in render({"paths": {}})
+
+
 def test_a_second_call_me_maybe_via_does_not_orphan_the_bind_in_flight() -> None:
     """Both peers allocate at once, so each gets the endpoint twice (its own allocation and
     the peer's call-me-maybe-via): one bind goes out, and its challenge is answered."""

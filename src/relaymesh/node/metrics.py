@@ -1,7 +1,8 @@
 """Prometheus text exposition of the daemon's metrics (``relaymesh daemon --metrics-listen``).
 
 Per-path traffic on every node (packets and bytes in and out, label ``path`` = direct,
-peer_relay, derp: the same names as :class:`relaymesh.paths.Path`) and, on a node that runs a
+peer_relay, derp: the same names as :class:`relaymesh.paths.Path`), the birthday-paradox port
+spray's events (sprays, hits, misses, probes...) and open spray sockets, and, on a node that runs a
 peer relay, the relay server's forwarded traffic, sessions by state and drops by reason.
 :func:`render` is pure (a metrics dict in, text out); :func:`serve` runs it on a TCP port.
 """
@@ -33,6 +34,16 @@ def render(m: dict[str, Any]) -> str:
             for direction, key in (("in", "rx"), ("out", "tx")):
                 v = int(paths.get(f"{path}_{key}_{unit}", 0))
                 lines.append(f'{name}{{path="{path}",direction="{direction}"}} {v}')
+    spray = m.get("spray")
+    if isinstance(spray, dict):
+        lines.append("# HELP relaymesh_spray_events_total Port spray events (docs/magicsock.md).")
+        lines.append("# TYPE relaymesh_spray_events_total counter")
+        for event, n in sorted(spray.items()):
+            if event != "open_sockets":
+                lines.append(f'relaymesh_spray_events_total{{event="{_label(event)}"}} {int(n)}')
+        lines.append("# HELP relaymesh_spray_open_sockets Spray sockets open now.")
+        lines.append("# TYPE relaymesh_spray_open_sockets gauge")
+        lines.append(f"relaymesh_spray_open_sockets {int(spray.get('open_sockets', 0))}")
     relay = m.get("relay")
     if isinstance(relay, dict) and relay.get("running"):
         for unit in ("packets", "bytes"):
