@@ -10,6 +10,10 @@ iperf3 TCP A -> B through the tunnel:
 - ``direct``: a0 -> b0 on the path disco found;
 - ``relay``: a1 -> b1 via ``r`` (``rk``'s relay port off);
 - ``relay-kernel``: a1 -> b1 via ``rk`` (``r``'s relay port off);
+- ``relay-kernel-easy`` (a control, not one of issue 6's rows): a2 -> b2, a second pair behind
+  ``easy`` NATs like the direct pair, kept off the direct path with ``--path-policy
+  PEER=no-direct``, via ``rk``: the relay path without the hard NATs, so "kernel relay vs direct"
+  can be told apart from "hard NATs vs easy NATs";
 - ``derp``: a1 -> b1 with ``--path-policy PEER=no-relay`` on both sides.
 
 Congestion control is explicit, because it decides the impaired rows. The host's default may be
@@ -71,8 +75,10 @@ POLICY = {
     "grants": [{"src": ["autogroup:member"], "dst": ["tag:relay"],
                 "app": {"relaymesh.dev/cap/relay": [{}]}}],
 }
-PATHS = ("direct", "relay", "relay-kernel", "derp")
-CLIENTS = ("a0", "b0", "a1", "b1")
+PATHS = ("direct", "relay", "relay-kernel", "relay-kernel-easy", "derp")
+CLIENTS = ("a0", "b0", "a1", "b1", "a2", "b2")
+PAIRS = {"direct": ("a0", "b0"), "relay-kernel-easy": ("a2", "b2")}  # the rest: ("a1", "b1")
+RELAY_OF = {"relay": "r", "relay-kernel": "rk", "relay-kernel-easy": "rk"}
 CC_SYSCTL = "net.ipv4.tcp_congestion_control"
 DERP_PORT = 3340  # relaymesh.lab.grid's DERP listen port
 LEG_CC = "cubic"  # impaired: Linux's default, for every TCP leg the tunnel user does not own
@@ -102,7 +108,8 @@ class Row:
 
 def topology(impaired: bool) -> Topology:
     topo = Topology("pathsbench")
-    for host, nat in (("a0", "easy"), ("b0", "easy"), ("a1", "hard"), ("b1", "hard")):
+    for host, nat in (("a0", "easy"), ("b0", "easy"), ("a1", "hard"), ("b1", "hard"),
+                      ("a2", "easy"), ("b2", "easy")):
         topo.add_host_behind(host, nat)
         if impaired:
             loss = 0.5 if host.startswith("a") else 0.0
@@ -149,6 +156,19 @@ def select(m: MeshLab, path: str) -> None:
         return all(via(m, x, y).startswith(f"peer-relay {on} (")
                    for x, y in (("a1", "b1"), ("b1", "a1")))
     until(ready, 60, f"a1<->b1 on {path}", step=0.5)
+
+
+def select_easy(m: MeshLab) -> None:
+    """The control pair a2<->b2 (easy NATs, ``--path-policy PEER=no-direct`` from the start) on
+    the kernel relay ``rk``: the relay path without the hard NATs of the a1/b1 pair."""
+    m.cli("r", "set", "--relay-server-port=")
+    m.cli("rk", "set", "--relay-server-port", str(RELAY_PORT))
+
+    def ready() -> bool:
+        m.echo("a2", "b2", deadline=2, each=1)
+        return all(via(m, x, y).startswith("peer-relay rk (") for x, y in (("a2", "b2"),
+                                                                             ("b2", "a2")))
+    until(ready, 60, "a2<->b2 on rk", step=0.5)
 
 
 def cc_of(lab: Lab, host: str) -> str:
@@ -234,18 +254,22 @@ def run_condition(impaired: bool, seconds: float, rounds: int, tmp: Path) -> lis
         with concurrent.futures.ThreadPoolExecutor(6) as ex:
             for f in [ex.submit(start, m, n) for n in ("r", "rk", *CLIENTS)]:
                 f.result()
-        for b in ("b0", "b1"):
+        for a, b in (("a2", "b2"), ("b2", "a2")):
+            m.cli(a, "set", "--path-policy", f"{b}=no-direct")
+        for b in ("b0", "b1", "b2"):
             lab.spawn(b, ["iperf3", "-s"], name="iperf3")
         m.settle("a0", "b0")
         cond = "impaired" if impaired else "clean"
         by_key: dict[tuple[str, str], Row] = {}
         for rnd in range(1, rounds + 1):
             for path in PATHS:
-                a, b = ("a0", "b0") if path == "direct" else ("a1", "b1")
-                if path != "direct":
+                a, b = PAIRS.get(path, ("a1", "b1"))
+                if path == "relay-kernel-easy":
+                    select_easy(m)
+                elif path != "direct":
                     select(m, path)
                 time.sleep(1.0)
-                relay = {"direct": None, "relay": "r", "relay-kernel": "rk", "derp": None}[path]
+                relay = RELAY_OF.get(path)
                 pids = {"daemon A": m.daemons[a].pid, "daemon B": m.daemons[b].pid}
                 if relay:
                     pids[f"relay {relay}"] = m.daemons[relay].pid
@@ -279,8 +303,9 @@ def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     by = {(r.path, r.inner_cc): r.result.mbit_s for r in rows}
     for cc in dict.fromkeys(r.inner_cc for r in rows):
-        d, u, k, dp = (by.get((p, cc), 0.0) for p in PATHS)
+        d, u, k, ke, dp = (by.get((p, cc), 0.0) for p in PATHS)
         out[cc] = {"user/direct": _ratio(u, d), "kernel/direct": _ratio(k, d),
+                   "kernel-easy/direct": _ratio(ke, d),
                    "user/derp": _ratio(u, dp), "kernel/derp": _ratio(k, dp)}
     return out
 
@@ -381,7 +406,8 @@ def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
                 f"- {cond}, inner {cc}, DERP legs {legs}: relay/direct "
                 f"{rs['user/direct']:.2f} (userspace), {rs['kernel/direct']:.2f} (kernel); "
                 f"relay/DERP {rs['user/derp']:.1f} (userspace), {rs['kernel/derp']:.1f} "
-                f"(kernel)", width=100, subsequent_indent="  "))
+                f"(kernel); control: kernel relay between the easy pair / direct "
+                f"{rs['kernel-easy/direct']:.2f}", width=100, subsequent_indent="  "))
     lines += [""] + [textwrap.fill(p, width=100) if p else p for p in reading(results)]
     return "\n".join(lines) + "\n"
 
