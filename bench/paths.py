@@ -42,10 +42,10 @@ DERP server): compare ratios, not absolute Mbit/s. The impaired condition adds
 
 Single runs of 8 s vary by up to 20% on this machine (the same direct path gave 671 and 828
 Mbit/s minutes apart), more than the effects measured; so every path runs ``--rounds`` times
-(default 3), interleaved (direct, relay, kernel relay, DERP, then again), and each row reports the
+(default 5), interleaved (direct, relay, kernel relay, DERP, then again), and each row reports the
 median round, with every round listed.
 
-    sudo .venv/bin/python bench/paths.py [--seconds 8] [--rounds 3] [--no-impaired | --no-clean]
+    sudo .venv/bin/python bench/paths.py [--seconds 8] [--rounds 5] [--no-impaired | --no-clean]
         [--no-write]
 """
 
@@ -415,7 +415,7 @@ def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=5,
                     help="interleaved rounds over every path; each row reports the median")
     ap.add_argument("--no-impaired", action="store_true", help="clean condition only")
     ap.add_argument("--no-clean", action="store_true", help="impaired condition only")
