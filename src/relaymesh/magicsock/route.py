@@ -130,10 +130,8 @@ class MeshDatapath(Datapath):
         super().__init__(*args, **kwargs)
         self.outbox: DerpOutbox | None = None
         self.derp_routes = 0  # peers whose route includes DERP; 0 keeps the plain fast path
-        self.relay_routes = 0  # peers routed through a peer relay (a gauge; sends need no check)
         self.spray_routes = 0  # peers sent to from a spray socket; 0 keeps the plain fast path
         self._derp_eps: set[PeerEndpoint] = set()
-        self._relay_eps: set[PeerEndpoint] = set()
         self._spray_eps: set[PeerEndpoint] = set()
         # (spray socket id, (ip, port)) -> the peer's endpoint; replaced whole (atomic swap)
         self.spray_in: dict[tuple[int, tuple[str, int]], PeerEndpoint] = {}
@@ -166,21 +164,14 @@ class MeshDatapath(Datapath):
                 self._derp_eps.add(ep)
             else:
                 self._derp_eps.discard(ep)
-            if ep.relay_hdr is not None:
-                self._relay_eps.add(ep)
-            else:
-                self._relay_eps.discard(ep)
             self.derp_routes = len(self._derp_eps)
-            self.relay_routes = len(self._relay_eps)
         return True
 
     def forget(self, ep: PeerEndpoint) -> None:
         with self.lock:
             self._derp_eps.discard(ep)
-            self._relay_eps.discard(ep)
             self._spray_eps.discard(ep)
             self.derp_routes = len(self._derp_eps)
-            self.relay_routes = len(self._relay_eps)
             self.spray_routes = len(self._spray_eps)
 
     def add_spray_socket(self, sid: int, sock: socket.socket,
