@@ -139,36 +139,39 @@ def via(m: MeshLab, a: str, b: str) -> str:
     return str((m.peer(a, b) or {}).get("via", ""))
 
 
+def serve_from(m: MeshLab, on: str) -> None:
+    """Relay ``on`` (``r`` or ``rk``) serves; the other one's relay port is off."""
+    m.cli("rk" if on == "r" else "r", "set", "--relay-server-port=")
+    m.cli(on, "set", "--relay-server-port", str(RELAY_PORT))
+
+
+def wait_on(m: MeshLab, a: str, b: str, path: str, relay: str | None) -> None:
+    """Until a<->b both report ``path``: peer relay ``relay``, or DERP when ``relay`` is None."""
+
+    def ready() -> bool:
+        m.echo(a, b, deadline=2, each=1)
+        if relay is None:
+            return m.path(a, b) == "derp" and m.path(b, a) == "derp"
+        return all(via(m, x, y).startswith(f"peer-relay {relay} (") for x, y in ((a, b), (b, a)))
+    until(ready, 60, f"{a}<->{b} on {path}", step=0.5)
+
+
 def select(m: MeshLab, path: str) -> None:
     """Put a1<->b1 on ``path`` (relay via r, via rk, or DERP) and wait until both agree."""
-    on, off = ("r", "rk") if path == "relay" else ("rk", "r")
     policy = "no-relay" if path == "derp" else "auto"
     for a, b in (("a1", "b1"), ("b1", "a1")):
         m.cli(a, "set", "--path-policy", f"{b}={policy}")
-    if path != "derp":
-        m.cli(off, "set", "--relay-server-port=")
-        m.cli(on, "set", "--relay-server-port", str(RELAY_PORT))
-
-    def ready() -> bool:
-        m.echo("a1", "b1", deadline=2, each=1)
-        if path == "derp":
-            return m.path("a1", "b1") == "derp" and m.path("b1", "a1") == "derp"
-        return all(via(m, x, y).startswith(f"peer-relay {on} (")
-                   for x, y in (("a1", "b1"), ("b1", "a1")))
-    until(ready, 60, f"a1<->b1 on {path}", step=0.5)
+    relay = RELAY_OF.get(path)
+    if relay is not None:
+        serve_from(m, relay)
+    wait_on(m, "a1", "b1", path, relay)
 
 
 def select_easy(m: MeshLab) -> None:
     """The control pair a2<->b2 (easy NATs, ``--path-policy PEER=no-direct`` from the start) on
     the kernel relay ``rk``: the relay path without the hard NATs of the a1/b1 pair."""
-    m.cli("r", "set", "--relay-server-port=")
-    m.cli("rk", "set", "--relay-server-port", str(RELAY_PORT))
-
-    def ready() -> bool:
-        m.echo("a2", "b2", deadline=2, each=1)
-        return all(via(m, x, y).startswith("peer-relay rk (") for x, y in (("a2", "b2"),
-                                                                             ("b2", "a2")))
-    until(ready, 60, "a2<->b2 on rk", step=0.5)
+    serve_from(m, "rk")
+    wait_on(m, "a2", "b2", "relay-kernel-easy", "rk")
 
 
 def cc_of(lab: Lab, host: str) -> str:
