@@ -365,6 +365,8 @@ class RelayService:
             "forwarded_bytes": m.forwarded_bytes,
             "userspace_forwarded_packets": c.forwarded_packets,
             "userspace_forwarded_bytes": c.forwarded_bytes,
+            "userspace_receives": c.receives,
+            "userspace_forwarded_runs": c.forwarded_runs,
             "sessions_by_state": m.sessions_by_state,
             "sessions": sum(m.sessions_by_state.values()),
             "drops": drops,

@@ -38,6 +38,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -63,6 +64,8 @@ BATCH = 64  # datagrams per receive burst and lock hold: bounds the delay added 
 RECV_BUFSIZE = 65535  # a (GRO-coalesced) UDP receive can be this large
 EXPIRE_INTERVAL = 1.0  # s between RelayServer.expire calls; lifetimes are 30 s and 300 s
 ADDR_CACHE_MAX = 4096  # bounds the sockaddr<->Addr caches against spoofed-source floods
+RUN_STRUCTS_MAX = 256  # (segment size, count) header readers kept; a flow uses a handful
+assert HEADER_LEN == 8  # _uniform_run reads each segment's header as one 64-bit word
 _GSO_UNSUPPORTED = frozenset({errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 
@@ -75,6 +78,7 @@ class Counters:
         "forwarded_bytes",
         "forwarded_packets",
         "forwarded_runs",
+        "receives",
         "replies",
         "rx_bytes",
         "rx_packets",
@@ -86,6 +90,7 @@ class Counters:
         self.forwarded_packets = 0  # data packets sent on to the other side
         self.forwarded_bytes = 0
         self.forwarded_runs = 0  # GRO runs of 2+ datagrams forwarded on one decision, one send
+        self.receives = 0  # receives that returned data (rx_packets / receives = GRO gain)
         self.control_packets = 0  # given to handle_datagram
         self.replies = 0  # control replies sent (challenges)
         self.drops: collections.Counter[str] = collections.Counter()
@@ -138,6 +143,7 @@ class RelayUDP:
         self._gro = offload and _try_udp_option(self.sock, UDP_GRO, 1)
         self._addr_in: dict[Any, Addr] = {}
         self._addr_out: dict[Addr, Any] = {}
+        self._run_structs: dict[tuple[int, int], struct.Struct] = {}  # (seg, n) -> header reader
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = threading.Event()
         self._unpaused = threading.Event()
@@ -317,6 +323,7 @@ class RelayUDP:
                 view = views[i]
                 # a run must fit one GSO send (GRO may coalesce up to 64 KiB)
                 limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg) if seg else 1
+                whole = self._uniform_run(view, total, seg, limit)
                 off = 0
                 while off < total:
                     end = off + seg if off + seg < total else total
@@ -338,8 +345,11 @@ class RelayUDP:
                     # a GRO receive: the following segments with this same header (session and
                     # flags) form one run with one forwarding decision and one GSO send, the
                     # datagrams back to back in the receive buffer as they arrived
-                    run_end, count = end, 1
-                    if end < total:
+                    if whole:  # every segment carries the first's header: one run, no loop
+                        run_end, count = total, whole
+                    else:
+                        run_end, count = end, 1
+                    if count == 1 and end < total:
                         hdr = d[:hlen]
                         while (run_end < total and count < limit
                                and view[run_end : run_end + hlen] == hdr):
@@ -365,6 +375,7 @@ class RelayUDP:
                     srv.sample_load(now)
                 except Exception as e:  # pragma: no cover
                     self._count_error("core_expire_error", e)
+        c.receives += len(got)
         c.rx_packets += nrx
         c.rx_bytes += nbytes
         if out:
@@ -375,6 +386,28 @@ class RelayUDP:
             except Exception as e:
                 self._count_error("on_control_error", e)
         return len(got)
+
+    def _uniform_run(self, view: memoryview, total: int, seg: int, limit: int) -> int:
+        """The segment count of a GRO buffer whose segments all carry the first one's data
+        header (so it is one run), else 0 (the per-segment compare decides).
+
+        One ``unpack_from`` of a cached struct that reads the 8 header bytes at every segment
+        start and skips the rest, one ``tuple.count``: ~1 us for 30 segments, where comparing
+        memoryview slices one by one costs ~10 us, the relay's largest per-receive cost."""
+        if not HEADER_LEN < seg < total or view[1] & CONTROL_BIT:
+            return 0
+        n = -(-total // seg)
+        if n > limit or total - (n - 1) * seg < HEADER_LEN:
+            return 0
+        key = (seg, n)
+        st = self._run_structs.get(key)
+        if st is None:
+            if len(self._run_structs) >= RUN_STRUCTS_MAX:
+                self._run_structs.clear()
+            st = struct.Struct("=" + f"Q{seg - HEADER_LEN}x" * (n - 1) + "Q")
+            self._run_structs[key] = st
+        words = st.unpack_from(view)
+        return n if words.count(words[0]) == n else 0
 
     def _send(self, out: list[tuple[memoryview | bytes, Any, int]]) -> None:
         """Send ``(data, sockaddr, segment size)``: a run already contiguous in the receive buffer
