@@ -19,8 +19,10 @@ A GRO receive is taken as runs: consecutive segments whose 8-byte relay header e
 (same session, same flags) share one ``RelayServer.forward_run`` decision (route, idle check, rate
 limits for the whole count) and leave as one GSO send of that slice of the receive buffer. A
 sender's GSO batch through a peer relay thus costs one decision and two syscalls, not one per
-datagram; a header compare per segment still routes each segment by its own header (a sender
-cannot slip another session's packet into a run).
+datagram. Every segment is still routed by its own header (a sender cannot slip another
+session's packet into a run): one ``struct`` unpack reads the header of every segment at once, and
+when they all equal the first one's the whole receive is one run; otherwise the segments are
+compared one by one and a different header starts a new run.
 
 Nothing raises out of the loop: a failing syscall or a core bug on one packet is a counted drop
 (``RelayUDP.counters.drops``, by reason; the core's own drops stay in ``RelayServer.drops``).
