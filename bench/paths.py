@@ -43,7 +43,12 @@ DERP server): compare ratios, not absolute Mbit/s. The impaired condition adds
 Single runs of 8 s vary by up to 20% on this machine (the same direct path gave 671 and 828
 Mbit/s minutes apart), more than the effects measured; so every path runs ``--rounds`` times
 (default 5), interleaved (direct, relay, kernel relay, DERP, then again), and each row reports the
-median round, with every round listed.
+median round, with every round listed. The ratios are paired: relay/direct is worked out within
+each round (the two runs seconds apart, under the same machine conditions) and the median of those
+per-round ratios is reported, each round's listed. A ratio of the two medians would pair runs from
+different rounds, and this host's speed drifts between rounds (every path ~25% slower in the last
+three rounds than in the first two of the 2026-11-24 23:14 UTC run), which moves such a ratio by
+more than the effects measured.
 
     sudo .venv/bin/python bench/paths.py [--seconds 8] [--rounds 5] [--no-impaired | --no-clean]
         [--no-write]
@@ -53,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import sys
 import tempfile
@@ -63,7 +69,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, IperfResult, cpu_seconds, update_doc_section
+from _common import ROOT, IperfResult, cpu_seconds, median, update_doc_section
 from relaymesh.lab import Lab, Topology
 from relaymesh.lab.grid import SERVER_HOST, WG_PORT, MeshLab, derp_map, until
 
@@ -301,16 +307,30 @@ def _ratio(x: float, y: float) -> float:
     return x / y if y > 0 else float("inf")
 
 
-def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
-    """Per inner cc: relay/direct and relay/DERP for the userspace and the kernel relay."""
-    out: dict[str, dict[str, float]] = {}
-    by = {(r.path, r.inner_cc): r.result.mbit_s for r in rows}
+RATIOS = {"user/direct": ("relay", "direct"), "kernel/direct": ("relay-kernel", "direct"),
+          "kernel-easy/direct": ("relay-kernel-easy", "direct"), "user/derp": ("relay", "derp"),
+          "kernel/derp": ("relay-kernel", "derp")}
+
+
+def round_ratios(rows: list[Row]) -> dict[str, dict[str, list[float]]]:
+    """Per inner cc and ratio name (``RATIOS``): one ratio per round, both runs of that round."""
+    out: dict[str, dict[str, list[float]]] = {}
+    by = {(r.path, r.inner_cc): r.runs for r in rows}
     for cc in dict.fromkeys(r.inner_cc for r in rows):
-        d, u, k, ke, dp = (by.get((p, cc), 0.0) for p in PATHS)
-        out[cc] = {"user/direct": _ratio(u, d), "kernel/direct": _ratio(k, d),
-                   "kernel-easy/direct": _ratio(ke, d),
-                   "user/derp": _ratio(u, dp), "kernel/derp": _ratio(k, dp)}
+        out[cc] = {}
+        for name, (num, den) in RATIOS.items():
+            xs, ys = by.get((num, cc), []), by.get((den, cc), [])
+            if xs and ys:  # every round runs every path, so both have one run per round
+                out[cc][name] = [_ratio(x.mbit_s, y.mbit_s) for x, y in zip(xs, ys, strict=True)]
+            else:
+                out[cc][name] = []
     return out
+
+
+def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Per inner cc: the median per-round ratio for each of ``RATIOS`` (0.0 without runs)."""
+    return {cc: {name: median(each) if each else 0.0 for name, each in rs.items()}
+            for cc, rs in round_ratios(rows).items()}
 
 
 def reading(results: dict[str, list[Row]]) -> list[str]:
@@ -370,6 +390,12 @@ def reading(results: dict[str, list[Row]]) -> list[str]:
     return out
 
 
+def _show(mid: dict[str, float], each: dict[str, list[float]], name: str, fmt: str) -> str:
+    """A paired ratio: its median, then every round's in brackets."""
+    rounds = " ".join(format(x, fmt) for x in each[name])
+    return f"{format(mid[name], fmt)} [{rounds}]"
+
+
 def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
@@ -377,8 +403,9 @@ def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
         "",
         f"`bench/paths.py --seconds {args.seconds:g} --rounds {args.rounds}`, one run, {stamp}.",
         f"{args.rounds} interleaved rounds, each over every path in turn; a row shows the median",
-        "round (its CPU figures are that round's) and every round's Mbit/s, and the ratios are",
-        "of medians. iperf3 TCP A -> B",
+        "round (its CPU figures are that round's) and every round's Mbit/s. Ratios are paired:",
+        "the median of the per-round ratios (each round's in brackets), as this host's speed",
+        "drifts between rounds (see bench/paths.py). iperf3 TCP A -> B",
         "through the tunnel: direct between two easy NATs; via a peer relay between two hard",
         "NATs (relay `r` with `RELAYMESH_RELAY_KERNEL=0`: userspace forwarding; relay `rk` with",
         "`=1`: the nftables fast path); via DERP (the hard pair with `--path-policy",
@@ -404,13 +431,16 @@ def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
     lines.append("")
     for cond, rows in results.items():
         legs = next((r.legs for r in rows if r.path == "derp"), "?")
+        each = round_ratios(rows)
         for cc, rs in ratios(rows).items():
+            show = functools.partial(_show, rs, each[cc])
             lines.append(textwrap.fill(
                 f"- {cond}, inner {cc}, DERP legs {legs}: relay/direct "
-                f"{rs['user/direct']:.2f} (userspace), {rs['kernel/direct']:.2f} (kernel); "
-                f"relay/DERP {rs['user/derp']:.1f} (userspace), {rs['kernel/derp']:.1f} "
-                f"(kernel); control: kernel relay between the easy pair / direct "
-                f"{rs['kernel-easy/direct']:.2f}", width=100, subsequent_indent="  "))
+                f"{show('user/direct', '.2f')} (userspace), {show('kernel/direct', '.2f')} "
+                f"(kernel); relay/DERP {show('user/derp', '.1f')} (userspace), "
+                f"{show('kernel/derp', '.1f')} (kernel); control: kernel relay between the easy "
+                f"pair / direct {show('kernel-easy/direct', '.2f')}", width=100,
+                subsequent_indent="  "))
     lines += [""] + [textwrap.fill(p, width=100) if p else p for p in reading(results)]
     return "\n".join(lines) + "\n"
 
