@@ -7,6 +7,7 @@ plaintext packet (the rest of the datagram), from a fixed fake peer.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from asyncwait import poll_until as wait_for
 from relaymesh.disco import MAGIC
 from relaymesh.relay.header import PROTO_DISCO, PROTO_WIREGUARD, encode_header
 from relaymesh.relay.header import WIREGUARD_PREFIX as RELAY_WIREGUARD_PREFIX
-from relaymesh.wireguard.datapath import Datapath, open_udp_socket
+from relaymesh.wireguard.datapath import SOL_UDP, UDP_SEGMENT, Datapath, open_udp_socket
 from relaymesh.wireguard.tun import MemoryTun
 
 PEER = object()
@@ -123,6 +124,47 @@ def test_framed_wireguard_skips_divert_other_relay_frames_do_not(setup: Setup) -
     assert wait_for(lambda: len(got) == 2 and len(core.seen) == 1)
     assert core.seen == [wg]
     assert got == [relayed_disco, disco]
+
+
+def test_gro_run_of_framed_wireguard_skips_divert_a_relayed_disco_inside_does_not() -> None:
+    """A GSO burst through a peer relay arrives as one GRO receive: when every segment is framed
+    WireGuard (one check for the whole receive) none reaches divert; a relayed disco segment of
+    the same size inside such a burst still does, and only it."""
+    got: list[bytes] = []
+
+    def divert(data: bytes, src: tuple[str, int]) -> bool:
+        got.append(data)
+        return True
+
+    sock = open_udp_socket(0, "127.0.0.1")
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    core, tun = Core(), MemoryTun()
+    dp = Datapath(core, tun, sock, divert=divert, framed=RELAY_WIREGUARD_PREFIX)
+    try:
+        if not dp.offloads["gro"]:
+            pytest.skip("no UDP GRO on this kernel's loopback")
+        dp.start()
+        dest = ("127.0.0.1", sock.getsockname()[1])
+
+        def burst(datagrams: list[bytes]) -> None:
+            size = len(datagrams[0]).to_bytes(2, sys.byteorder)
+            tx.sendmsg([b"".join(datagrams)], [(SOL_UDP, UDP_SEGMENT, size)], 0, dest)
+
+        wg = [encode_header(7, PROTO_WIREGUARD) + b"\x04" + bytes([i]) * 200 for i in range(12)]
+        burst(wg)
+        assert wait_for(lambda: len(core.seen) == len(wg))
+        assert core.seen == wg and got == []
+        relayed_disco = encode_header(7, PROTO_DISCO) + MAGIC + b"d" * (len(wg[0]) - 14)
+        assert len(relayed_disco) == len(wg[0])
+        burst([*wg[:5], relayed_disco, *wg[5:]])
+        assert wait_for(lambda: len(core.seen) == 2 * len(wg) and len(got) == 1)
+        assert core.seen[len(wg):] == wg
+        assert got == [relayed_disco]
+    finally:
+        dp.stop()
+        tun.close()
+        sock.close()
+        tx.close()
 
 
 def test_inbound_filter_drops_and_counts(setup: Setup) -> None:

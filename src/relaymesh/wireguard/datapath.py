@@ -42,10 +42,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import os
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -168,6 +170,31 @@ def _try_udp_option(sock: socket.socket, option: int, value: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=256)
+def segment_heads(seg: int, n: int, fmt: str) -> struct.Struct:
+    """Reads one ``fmt`` field at the start of each of ``n`` segments of ``seg`` bytes (the last
+    may be shorter, but not shorter than the field), skipping the rest.
+
+    One ``unpack_from`` and one ``tuple.count`` then tell whether every segment of a GRO receive
+    starts the same way, ~1 us for 30 segments where slicing and comparing each costs ~10 us.
+    Cached: a flow uses a handful of (segment size, count) pairs."""
+    width = struct.calcsize("=" + fmt)
+    return struct.Struct("=" + f"{fmt}{seg - width}x" * (n - 1) + fmt)
+
+
+def same_heads(view: memoryview, total: int, seg: int, fmt: str) -> int:
+    """The segment count of a GRO buffer of 2+ segments that all start with the same ``fmt``
+    field, else 0."""
+    width = struct.calcsize("=" + fmt)
+    if not width < seg < total:
+        return 0
+    n = -(-total // seg)
+    if total - (n - 1) * seg < width:
+        return 0
+    heads = segment_heads(seg, n, fmt).unpack_from(view)
+    return n if heads.count(heads[0]) == n else 0
 
 
 def recv_batch(
@@ -538,6 +565,7 @@ class Datapath:
         divert = self.divert if extra is None else extra.divert
         framed = self.framed if extra is None else b""  # spray sockets: no relay framing
         flen = len(framed)
+        framed_fmt = f"{flen}s"
         flt = self.inbound_filter
         with self.lock:
             now = self.clock()
@@ -548,12 +576,16 @@ class Datapath:
                     continue
                 source = endpoint(addr)
                 view = views[i]
+                # a GRO receive of framed datagrams (a bulk flow through a peer relay): one
+                # check of every segment's prefix instead of a slice and compare per segment
+                all_framed = (flen and seg < total and view[:flen] == framed
+                              and same_heads(view, total, seg, framed_fmt))
                 for off in range(0, total, seg):
                     end = off + seg
                     d = view[off : end if end < total else total]
                     n = len(d)
                     ndgrams += 1
-                    if divert is not None and not 1 <= d[0] <= 4 and (
+                    if divert is not None and not 1 <= d[0] <= 4 and not all_framed and (
                             not flen or d[:flen] != framed):
                         try:
                             if divert(bytes(d), source):
