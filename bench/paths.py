@@ -46,9 +46,9 @@ Mbit/s minutes apart), more than the effects measured; so every path runs ``--ro
 median round, with every round listed. The ratios are paired: relay/direct is worked out within
 each round (the two runs seconds apart, under the same machine conditions) and the median of those
 per-round ratios is reported, each round's listed. A ratio of the two medians would pair runs from
-different rounds, and this host's speed drifts between rounds (every path ~25% slower in the last
-three rounds than in the first two of the 2026-11-24 23:14 UTC run), which moves such a ratio by
-more than the effects measured.
+different rounds, and this host's speed drifts between rounds (every path ~20-25% slower in rounds
+3 and 4 than in rounds 1 and 2 of the 2026-11-24 23:29 UTC run), which moves such a ratio by more
+than the effects measured.
 
     sudo .venv/bin/python bench/paths.py [--seconds 8] [--rounds 5] [--no-impaired | --no-clean]
         [--no-write]
