@@ -210,30 +210,26 @@ def test_uniform_run_needs_every_segment_header_equal() -> None:
     with the first one's data header; anything else (a foreign header anywhere, the short last
     segment included; control; more segments than one send may carry) goes to the per-segment
     compare (returns 0)."""
-    w = World(offload=True)
-    try:
-        hdr = relay.encode_header(7, relay.PROTO_WIREGUARD)
-        seg, n = 100, 5
+    hdr = relay.encode_header(7, relay.PROTO_WIREGUARD)
+    seg, n = 100, 5
 
-        def buf(headers: list[bytes], tail: int = seg) -> tuple[memoryview, int]:
-            b = b"".join(h + b"p" * (seg - len(h)) for h in headers[:-1])
-            b += (headers[-1] + b"t" * seg)[:tail]
-            return memoryview(b), len(b)
+    def buf(headers: list[bytes], tail: int = seg) -> tuple[memoryview, int]:
+        b = b"".join(h + b"p" * (seg - len(h)) for h in headers[:-1])
+        b += (headers[-1] + b"t" * seg)[:tail]
+        return memoryview(b), len(b)
 
-        check = w.shell._uniform_run
-        assert check(*buf([hdr] * n), seg, 64) == n
-        assert check(*buf([hdr] * n, tail=9), seg, 64) == n  # a short last datagram ends a run
-        foreign = relay.encode_header(8, relay.PROTO_WIREGUARD)
-        for k in range(1, n):  # the differing header in the middle or in the (short) last one
-            assert check(*buf([hdr] * k + [foreign] + [hdr] * (n - k - 1)), seg, 64) == 0
-            assert check(*buf([hdr] * k + [foreign] + [hdr] * (n - k - 1), tail=9), seg, 64) == 0
-        assert check(*buf([hdr] * n, tail=5), seg, 64) == 0  # last one shorter than a header
-        assert check(*buf([hdr] * n), seg, n - 1) == 0  # over one send's segment limit
-        ctl = relay.encode_header(7, relay.PROTO_WIREGUARD, control=True)
-        assert check(*buf([ctl] * n), seg, 64) == 0
-        assert check(*buf([hdr]), seg, 64) == 0  # a single datagram is not a run
-    finally:
-        w.close()
+    check = RelayUDP._uniform_run
+    assert check(*buf([hdr] * n), seg, 64) == n
+    assert check(*buf([hdr] * n, tail=9), seg, 64) == n  # a short last datagram ends a run
+    foreign = relay.encode_header(8, relay.PROTO_WIREGUARD)
+    for k in range(1, n):  # the differing header in the middle or in the (short) last one
+        assert check(*buf([hdr] * k + [foreign] + [hdr] * (n - k - 1)), seg, 64) == 0
+        assert check(*buf([hdr] * k + [foreign] + [hdr] * (n - k - 1), tail=9), seg, 64) == 0
+    assert check(*buf([hdr] * n, tail=5), seg, 64) == 0  # last one shorter than a header
+    assert check(*buf([hdr] * n), seg, n - 1) == 0  # over one send's segment limit
+    ctl = relay.encode_header(7, relay.PROTO_WIREGUARD, control=True)
+    assert check(*buf([ctl] * n), seg, 64) == 0
+    assert check(*buf([hdr]), seg, 64) == 0  # a single datagram is not a run
 
 
 def test_send_keeps_datagram_boundaries_between_runs_and_short_tails() -> None:

@@ -392,7 +392,7 @@ class RelayUDP:
         """The segment count of a GRO buffer whose segments all carry the first one's data
         header (so it is one run that fits one send), else 0 (the per-segment compare decides).
         One struct unpack reads every segment's header (``same_heads``): ~1 us for 30 segments,
-        where comparing memoryview slices one by one costs ~10 us."""
+        where comparing memoryview slices one by one costs ~4 us (``timeit``, warm caches)."""
         if seg >= total or view[1] & CONTROL_BIT:
             return 0
         n = same_heads(view, total, seg, _HEADER_FMT)
