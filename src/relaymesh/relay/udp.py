@@ -66,7 +66,6 @@ BATCH = 64  # datagrams per receive burst and lock hold: bounds the delay added 
 RECV_BUFSIZE = 65535  # a (GRO-coalesced) UDP receive can be this large
 EXPIRE_INTERVAL = 1.0  # s between RelayServer.expire calls; lifetimes are 30 s and 300 s
 ADDR_CACHE_MAX = 4096  # bounds the sockaddr<->Addr caches against spoofed-source floods
-_HEADER_FMT = f"{HEADER_LEN}s"  # a relay header, for same_heads
 _GSO_UNSUPPORTED = frozenset({errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 
@@ -395,7 +394,7 @@ class RelayUDP:
         where comparing memoryview slices one by one costs ~4 us (``timeit``, warm caches)."""
         if seg >= total or view[1] & CONTROL_BIT:
             return 0
-        n = same_heads(view, total, seg, _HEADER_FMT)
+        n = same_heads(view, total, seg, HEADER_LEN)
         return n if n <= limit else 0
 
     def _send(self, out: list[tuple[memoryview | bytes, Any, int]]) -> None:
