@@ -348,12 +348,12 @@ class RelayUDP:
                         run_end, count = total, whole
                     else:
                         run_end, count = end, 1
-                    if count == 1 and end < total:
-                        hdr = d[:hlen]
-                        while (run_end < total and count < limit
-                               and view[run_end : run_end + hlen] == hdr):
-                            run_end = run_end + seg if run_end + seg < total else total
-                            count += 1
+                        if end < total:
+                            hdr = d[:hlen]
+                            while (run_end < total and count < limit
+                                   and view[run_end : run_end + hlen] == hdr):
+                                run_end = run_end + seg if run_end + seg < total else total
+                                count += 1
                     nrx += count
                     try:
                         to, n = forward_run(cast(bytes, d), source, now, count, run_end - off)
