@@ -3,8 +3,10 @@
 One lab per condition (clean; then 20 ms RTT and 0.5% loss on the client side): control + DERP
 on ``srv``; ``a0``/``b0`` behind ``easy`` NATs (direct works); ``a1``/``b1`` behind ``hard`` NATs
 (no direct path) with two relays on the lab internet: ``r`` (``RELAYMESH_RELAY_KERNEL=0``:
-userspace forwarding) and ``rk`` (``RELAYMESH_RELAY_KERNEL=1``: the nftables fast path), one on
-at a time; every other daemon gets ``=0`` too, so the rows do not depend on the daemon's default.
+userspace forwarding, by the native loop, or by the Python loop with ``--python-relay``) and ``rk``
+(``RELAYMESH_RELAY_KERNEL=1``: the nftables fast path), one on at a time; every other daemon gets
+``=0`` too, and every daemon an explicit ``RELAYMESH_RELAY_NATIVE``, so the rows do not depend on
+the daemon's defaults.
 iperf3 TCP A -> B through the tunnel:
 
 - ``direct``: a0 -> b0 on the path disco found;
@@ -51,7 +53,7 @@ different rounds, and this host's speed drifts between rounds (every path ~20-25
 than the effects measured.
 
     sudo .venv/bin/python bench/paths.py [--seconds 8] [--rounds 5] [--no-impaired | --no-clean]
-        [--no-write]
+        [--python-relay] [--no-write]
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ DERP_PORT = 3340  # relaymesh.lab.grid's DERP listen port
 LEG_CC = "cubic"  # impaired: Linux's default, for every TCP leg the tunnel user does not own
 INNER_CCS = ("bbr", "cubic")  # impaired: the user's own TCP, end to end
 RELAY_KERNEL_ENV = "RELAYMESH_RELAY_KERNEL"
+RELAY_NATIVE_ENV = "RELAYMESH_RELAY_NATIVE"
 GOAL_DIRECT = 0.9  # issue 6: relay/direct >= 0.9
 GOAL_DERP = 10.0  # issue 6: relay/DERP >= 10 under loss
 
@@ -125,13 +128,14 @@ def topology(impaired: bool) -> Topology:
     return topo
 
 
-def start(m: MeshLab, name: str) -> None:
+def start(m: MeshLab, name: str, python_relay: bool = False) -> None:
     m.lab.exec(name, ["ip", "-6", "addr", "flush", "scope", "global"])
     m.lab.exec(name, ["ip", "-6", "route", "flush", "default"], check=False)
     cmd = ["relaymesh", "daemon", "--state-dir", str(m.root / f"{name}-state"),
            "--socket", m.sock(name), "--tun", "rm0", "--port", str(WG_PORT)]
     # explicit either way: the userspace row must not depend on the daemon's default
-    env = {RELAY_KERNEL_ENV: "1" if name == "rk" else "0"}
+    env = {RELAY_KERNEL_ENV: "1" if name == "rk" else "0",
+           RELAY_NATIVE_ENV: "0" if python_relay else "1"}
     p = m.lab.spawn(name, cmd, name="daemon", env=env)
     until(lambda: "listening on" in p.output() or not p.alive, 20, f"daemon {name}")
     m.daemons[name] = p
@@ -243,12 +247,16 @@ def relay_counts(m: MeshLab, relay: str) -> tuple[int, int, str]:
         mode = "kernel fast path"
     else:
         why = met.get("kernel_unavailable")
-        mode = "userspace" + (f" (kernel unavailable: {why})" if why else "")
+        loop = "native loop" if met.get("native") else "Python loop"
+        if met.get("native_unavailable"):
+            loop += f", native unavailable: {met['native_unavailable']}"
+        mode = f"userspace ({loop})" + (f" (kernel unavailable: {why})" if why else "")
     return (int(met.get("kernel_forwarded_packets", 0)),
             int(met.get("userspace_forwarded_packets", 0)), mode)
 
 
-def run_condition(impaired: bool, seconds: float, rounds: int, tmp: Path) -> list[Row]:
+def run_condition(impaired: bool, seconds: float, rounds: int, tmp: Path,
+                  python_relay: bool = False) -> list[Row]:
     with Lab(topology(impaired), state_dir=None) as lab:
         if impaired:  # before any daemon or DERP server opens a TCP connection
             for h in (*CLIENTS, SERVER_HOST):
@@ -261,7 +269,7 @@ def run_condition(impaired: bool, seconds: float, rounds: int, tmp: Path) -> lis
         (tmp / "paths-policy.json").write_text(json.dumps(POLICY))
         m.admin("policy", "set", "-f", str(tmp / "paths-policy.json"))
         with concurrent.futures.ThreadPoolExecutor(6) as ex:
-            for f in [ex.submit(start, m, n) for n in ("r", "rk", *CLIENTS)]:
+            for f in [ex.submit(start, m, n, python_relay) for n in ("r", "rk", *CLIENTS)]:
                 f.result()
         for a, b in (("a2", "b2"), ("b2", "a2")):
             m.cli(a, "set", "--path-policy", f"{b}=no-direct")
@@ -401,13 +409,16 @@ def render(results: dict[str, list[Row]], args: argparse.Namespace) -> str:
     lines = [
         "## Paths: direct, peer relay, DERP (relaymesh daemons, lab)",
         "",
-        f"`bench/paths.py --seconds {args.seconds:g} --rounds {args.rounds}`, one run, {stamp}.",
+        f"`bench/paths.py --seconds {args.seconds:g} --rounds {args.rounds}"
+        f"{' --python-relay' if args.python_relay else ''}`, one run, {stamp}.",
         f"{args.rounds} interleaved rounds, each over every path in turn; a row shows the median",
         "round (its CPU figures are that round's) and every round's Mbit/s. Ratios are paired:",
         "the median of the per-round ratios (each round's in brackets), as this host's speed",
         "drifts between rounds (see bench/paths.py). iperf3 TCP A -> B",
         "through the tunnel: direct between two easy NATs; via a peer relay between two hard",
-        "NATs (relay `r` with `RELAYMESH_RELAY_KERNEL=0`: userspace forwarding; relay `rk` with",
+        "NATs (relay `r` with `RELAYMESH_RELAY_KERNEL=0`: userspace forwarding, by the "
+        + ("Python loop (`RELAYMESH_RELAY_NATIVE=0`)" if args.python_relay else
+           "native loop (the default)") + "; relay `rk` with",
         "`=1`: the nftables fast path); via DERP (the hard pair with `--path-policy",
         "PEER=no-relay`). Impaired: 20 ms RTT, 0.5% loss on the sender's uplink, every TCP leg",
         f"of the DERP path (clients' and DERP host's namespaces) on `{LEG_CC}` (Linux's default;",
@@ -452,6 +463,8 @@ def main() -> int:
                     help="interleaved rounds over every path; each row reports the median")
     ap.add_argument("--no-impaired", action="store_true", help="clean condition only")
     ap.add_argument("--no-clean", action="store_true", help="impaired condition only")
+    ap.add_argument("--python-relay", action="store_true",
+                    help="relay r forwards with the Python loop, not the native one")
     ap.add_argument("--no-write", action="store_true", help="print only; docs untouched")
     args = ap.parse_args()
     results: dict[str, list[Row]] = {}
@@ -460,7 +473,8 @@ def main() -> int:
     for impaired in conds:
         with tempfile.TemporaryDirectory(prefix="rm-bench-paths-") as tmp:
             name = "impaired" if impaired else "clean"
-            results[name] = run_condition(impaired, args.seconds, args.rounds, Path(tmp))
+            results[name] = run_condition(impaired, args.seconds, args.rounds, Path(tmp),
+                                          args.python_relay)
     body = render(results, args)
     print(body)
     print(f"(bench time {time.monotonic() - t0:.0f} s)", flush=True)

@@ -9,8 +9,11 @@ and a receiver process that inherits B's socket (UDP GRO on) counts what arrives
 ``plain`` = one ``sendto`` per datagram (what wireguard-go 0.0.20220316 does), ``gso`` = UDP GSO,
 up to 46 datagrams per ``sendmsg`` (what relaymesh's own datapath does). Relay paths:
 
-- ``userspace``: the Python loop (``RelayUDP``), UDP GSO/GRO on where the kernel offers them;
-- ``userspace-no-offload``: the same loop with plain ``recvfrom_into``/``sendto``;
+- ``native``: the relay's default userspace loop, in C (``relay/_fastfwd.c``, driven by
+  ``RelayUDP`` through ``relay/native.py``), UDP GSO/GRO on;
+- ``userspace``: the Python loop (``RelayUDP``; the fallback without a C compiler), UDP GSO/GRO
+  on where the kernel offers them;
+- ``userspace-no-offload``: the Python loop with plain ``recvfrom_into``/``sendto``;
 - ``kernel``: the nftables fast path (``KernelPath``), the userspace loop idle.
 
 Figures: delivered packets/s at B (first to last packet), loss, the relay thread's CPU (utime +
@@ -165,8 +168,8 @@ def bind(key: PrivateKey, sock: socket.socket, ep: disco.RelayEndpoint,
 
 
 def one_run(lab: Lab, variant: str, count: int, size: int, seconds: float) -> Run:
-    """``variant`` is ``<relay path>/<sender>``: path userspace, userspace-no-offload or kernel;
-    sender plain (one sendto per datagram) or gso."""
+    """``variant`` is ``<relay path>/<sender>``: path native, userspace, userspace-no-offload or
+    kernel; sender plain (one sendto per datagram) or gso."""
     variant, _, sender = variant.partition("/")
     ns_r = lab.netns("r")
     a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
@@ -174,13 +177,15 @@ def one_run(lab: Lab, variant: str, count: int, size: int, seconds: float) -> Ru
     svc = RelayService(
         PrivateKey.generate(), lambda x, y: True, limits=BENCH_LIMITS, discover_candidates=False,
         kernel=kernel, kernel_netns=ns_r if kernel else None,
-        offload=variant != "userspace-no-offload",
+        offload=variant != "userspace-no-offload", native=variant == "native",
         socket_factory=lambda port: run_in_netns(ns_r, lambda: open_udp_socket(port)))
     sa, sb = client_socket(lab.netns("a")), client_socket(lab.netns("b"))
     try:
         port = svc.start(0)
         if kernel and svc.kernel is None:
             raise RuntimeError(f"kernel path unavailable: {svc.kernel_reason}")
+        if variant == "native" and not (svc.shell and svc.shell.native):
+            raise RuntimeError(f"native loop unavailable: {svc.shell and svc.shell.native_reason}")
         relay_addr = (lab.address("r"), port)
         svc.set_candidates([(IPv4Address(relay_addr[0]), port)])
         resp = svc.allocate(a_key.disco_public(), b_key.disco_public())
@@ -258,10 +263,11 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=5_000_000, help="at most this many datagrams")
     ap.add_argument("--size", type=int, default=1400, help="datagram size incl. relay header")
     ap.add_argument("--runs", type=int, default=3, help="runs per variant (median reported)")
-    ap.add_argument("--variants", default="userspace/plain,userspace-no-offload/plain,"
-                    "kernel/plain,userspace/gso,userspace-no-offload/gso,kernel/gso",
-                    help="comma list of RELAYPATH/SENDER (userspace, userspace-no-offload, "
-                    "kernel / plain, gso)")
+    ap.add_argument("--variants", default="native/plain,userspace/plain,"
+                    "userspace-no-offload/plain,kernel/plain,native/gso,userspace/gso,"
+                    "userspace-no-offload/gso,kernel/gso",
+                    help="comma list of RELAYPATH/SENDER (native, userspace, "
+                    "userspace-no-offload, kernel / plain, gso)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(iproute2 nftables iperf3 wireguard-go wireguard-tools tcpdump procps postgresql nebula)
+# gcc + libc6-dev: the relay's native forwarding loop (src/relaymesh/relay/_fastfwd.c)
+APT_PKGS=(iproute2 nftables iperf3 wireguard-go wireguard-tools tcpdump procps postgresql nebula
+          gcc libc6-dev)
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${APT_PKGS[@]}"; do
@@ -31,4 +33,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   rm -f "$log"
   touch "$stamp"
+fi
+# The relay's native loop, next to its source (named by the source's hash: rebuilt when it changes;
+# without a compiler the relay forwards with its Python loop and says so in its metrics).
+if ! ls src/relaymesh/relay/_fastfwd-"$(sha256sum src/relaymesh/relay/_fastfwd.c | cut -c1-16)".so \
+    >/dev/null 2>&1; then
+  .venv/bin/python -m relaymesh.relay.native >/dev/null || echo "bootstrap: native relay loop not built (see above); the relay will use its Python loop" >&2
 fi

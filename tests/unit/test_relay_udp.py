@@ -13,8 +13,8 @@ import pytest
 
 from relaymesh import disco, relay
 from relaymesh.keys import PrivateKey
-from relaymesh.relay import RelayLimits, RelayServer
-from relaymesh.relay.udp import RelayUDP
+from relaymesh.relay import RelayLimits, RelayServer, native
+from relaymesh.relay.udp import Counters, RelayUDP
 from relaymesh.wireguard.datapath import SOL_UDP, UDP_SEGMENT
 
 TIMEOUT = 2.0
@@ -71,13 +71,24 @@ def wait_for(cond: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
     return cond()
 
 
+def native_or_skip() -> None:
+    try:
+        native.load()
+    except OSError as e:
+        pytest.skip(f"native relay loop unavailable here: {e}")
+
+
 class World:
-    def __init__(self, offload: bool, limits: RelayLimits | None = None) -> None:
+    def __init__(self, offload: bool, limits: RelayLimits | None = None,
+                 native: bool = False) -> None:
+        if native:
+            native_or_skip()
         self.relay_key = PrivateKey.generate()
         self.server = RelayServer(self.relay_key, time.monotonic(), limits=limits)
-        self.shell = RelayUDP(self.server, 0, host="127.0.0.1", offload=offload)
+        self.shell = RelayUDP(self.server, 0, host="127.0.0.1", offload=offload, native=native)
         self.server.candidates = [(IPv4Address("127.0.0.1"), self.shell.port)]
         self.shell.start()
+        assert self.shell.native == native
         self.a = Client(PrivateKey.generate(), self.shell.port)
         self.b = Client(PrivateKey.generate(), self.shell.port)
         self.clients = [self.a, self.b]
@@ -103,8 +114,20 @@ class World:
         return None if st is None else st.state
 
     def drops(self) -> dict[str, int]:
+        self.shell.refresh()  # the native loop's counters reach the core now
         with self.shell.lock:
             return dict(self.server.drops)
+
+    def counters(self) -> Counters:
+        self.shell.refresh()
+        return self.shell.counters
+
+    def session(self, ep: disco.RelayEndpoint) -> relay.SessionStats:
+        self.shell.refresh()
+        with self.shell.lock:
+            st = self.server.session_stats(ep.session_id)
+        assert st is not None
+        return st
 
     def close(self) -> None:
         self.shell.stop()
@@ -112,9 +135,10 @@ class World:
             c.sock.close()
 
 
-@pytest.fixture(params=[True, False], ids=["offload", "no-offload"])
+@pytest.fixture(params=[(True, False), (False, False), (True, True)],
+                ids=["offload", "no-offload", "native"])
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
-    w = World(offload=request.param)
+    w = World(offload=request.param[0], native=request.param[1])
     yield w
     w.close()
 
@@ -136,9 +160,8 @@ def test_bound_pair_forwards_unmodified_both_ways(world: World) -> None:
     b_to_a = data(ep, b"pong")
     world.b.sock.sendto(b_to_a, world.b.relay)
     assert world.a.recv() == b_to_a
-    st = world.shell.counters
-    assert wait_for(lambda: st.forwarded_packets == 2
-                    and st.forwarded_bytes == len(a_to_b) + len(b_to_a))
+    assert wait_for(lambda: world.counters().forwarded_packets == 2
+                    and world.counters().forwarded_bytes == len(a_to_b) + len(b_to_a))
 
 
 def test_burst_is_forwarded_in_order_and_counted(world: World) -> None:
@@ -152,10 +175,8 @@ def test_burst_is_forwarded_in_order_and_counted(world: World) -> None:
         if len(got) == len(pkts):
             break
     assert got == pkts  # loopback, one flow: nothing lost, order kept
-    with world.shell.lock:
-        st = world.server.session_stats(ep.session_id)
-    assert st is not None and st.packets[0 if st.clients[0] == world.a.key.disco_public() else 1] \
-        == 100
+    st = world.session(ep)  # natively forwarded packets are credited to the core's session
+    assert st.packets[0 if st.clients[0] == world.a.key.disco_public() else 1] == 100
 
 
 def gso_send(sock: socket.socket, datagrams: list[bytes], dest: tuple[str, int]) -> None:
@@ -166,8 +187,9 @@ def gso_send(sock: socket.socket, datagrams: list[bytes], dest: tuple[str, int])
     sock.sendmsg([b"".join(datagrams)], seg, 0, dest)
 
 
-def test_gso_burst_is_forwarded_as_one_run_unmodified_and_in_order() -> None:
-    w = World(offload=True)
+@pytest.mark.parametrize("native_loop", [False, True], ids=["python", "native"])
+def test_gso_burst_is_forwarded_as_one_run_unmodified_and_in_order(native_loop: bool) -> None:
+    w = World(offload=True, native=native_loop)
     try:
         if not w.shell.offloads["gro"]:
             pytest.skip("no UDP GRO on this kernel's loopback")
@@ -176,18 +198,20 @@ def test_gso_burst_is_forwarded_as_one_run_unmodified_and_in_order() -> None:
         burst.append(data(ep, b"\x04short"))  # a shorter last segment ends the run
         gso_send(w.a.sock, burst, w.a.relay)
         assert [w.b.recv() for _ in burst] == burst
-        st = w.shell.counters
-        assert wait_for(lambda: st.forwarded_packets == len(burst))
+        assert wait_for(lambda: w.counters().forwarded_packets == len(burst))
+        st = w.counters()
         assert st.forwarded_bytes == sum(map(len, burst))
         assert st.forwarded_runs >= 1  # one decision for the GRO run, not one per datagram
     finally:
         w.close()
 
 
-def test_gro_run_with_a_foreign_header_is_routed_per_segment() -> None:
+@pytest.mark.parametrize("native_loop", [False, True], ids=["python", "native"])
+def test_gro_run_with_a_foreign_header_is_routed_per_segment(native_loop: bool) -> None:
     """Segments of one GRO buffer that carry another (unbound) session id are dropped and counted
-    one by one; the bound session's segments around them still go through, in order."""
-    w = World(offload=True)
+    one by one; the bound session's segments around them still go through, in order. (The
+    native loop forwards the good runs itself and hands the foreign segments to the core.)"""
+    w = World(offload=True, native=native_loop)
     try:
         if not w.shell.offloads["gro"]:
             pytest.skip("no UDP GRO on this kernel's loopback")
@@ -200,7 +224,7 @@ def test_gro_run_with_a_foreign_header_is_routed_per_segment() -> None:
         assert [w.b.recv() for _ in good] == good
         assert w.b.recv(timeout=0.2) is None
         assert wait_for(lambda: w.drops().get("unknown_session", 0) == 3)
-        assert w.shell.counters.forwarded_packets == len(good)
+        assert w.counters().forwarded_packets == len(good)
     finally:
         w.close()
 
@@ -330,8 +354,9 @@ def _addrs(world: World, ep: disco.RelayEndpoint) -> tuple[object, ...]:
     return () if st is None else st.addrs
 
 
-def test_expire_runs_on_the_timer_without_traffic() -> None:
-    w = World(offload=True, limits=RelayLimits(bind_lifetime=0.2))
+@pytest.mark.parametrize("native_loop", [False, True], ids=["python", "native"])
+def test_expire_runs_on_the_timer_without_traffic(native_loop: bool) -> None:
+    w = World(offload=True, limits=RelayLimits(bind_lifetime=0.2), native=native_loop)
     w.shell.expire_interval = 0.05
     try:
         ep = w.allocate()
@@ -341,10 +366,13 @@ def test_expire_runs_on_the_timer_without_traffic() -> None:
         w.close()
 
 
-def test_dual_stack_socket_unmaps_ipv4_sources() -> None:
+@pytest.mark.parametrize("native_loop", [False, True], ids=["python", "native"])
+def test_dual_stack_socket_unmaps_ipv4_sources(native_loop: bool) -> None:
+    if native_loop:
+        native_or_skip()
     relay_key = PrivateKey.generate()
     server = RelayServer(relay_key, time.monotonic())
-    shell = RelayUDP(server, 0)  # default: dual-stack "::" when IPv6 exists
+    shell = RelayUDP(server, 0, native=native_loop)  # default: dual-stack "::" where IPv6 is
     server.candidates = [(IPv4Address("127.0.0.1"), shell.port)]
     shell.start()
     a = Client(PrivateKey.generate(), shell.port)
@@ -377,11 +405,14 @@ def test_stop_closes_the_socket_and_thread(world: World) -> None:
     assert world.shell.sock.fileno() == -1
 
 
-def test_ipv6_clients_bind_and_forward_on_the_dual_stack_socket() -> None:
+@pytest.mark.parametrize("native_loop", [False, True], ids=["python", "native"])
+def test_ipv6_clients_bind_and_forward_on_the_dual_stack_socket(native_loop: bool) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 in this kernel")
+    if native_loop:
+        native_or_skip()
     server = RelayServer(PrivateKey.generate(), time.monotonic())
-    shell = RelayUDP(server, 0)
+    shell = RelayUDP(server, 0, native=native_loop)
     if shell.sock.family != socket.AF_INET6:
         shell.sock.close()
         pytest.skip("IPv6 socket unavailable: the shell fell back to IPv4")
@@ -418,3 +449,89 @@ def test_ipv6_clients_bind_and_forward_on_the_dual_stack_socket() -> None:
         shell.stop()
         for s in socks:
             s.close()
+
+
+def test_native_loop_keeps_each_clients_rate_limit() -> None:
+    """The native loop charges the core's token buckets, to the letter: a burst over a client's
+    packet burst is cut to it, the rest is counted as rate_limited in the core; the other
+    client's own bucket is untouched, so its packets still pass."""
+    lim = RelayLimits(packets_per_second=1.0, packet_burst=5.0)
+    w = World(offload=True, limits=lim, native=True)
+    try:
+        ep = w.bound()
+        burst = [data(ep, i.to_bytes(2, "big") + bytes(500)) for i in range(20)]
+        for p in burst:
+            w.a.sock.sendto(p, w.a.relay)
+        got = []
+        while (p2 := w.b.recv(0.3)) is not None:
+            got.append(p2)
+        assert got == burst[:5]
+        assert wait_for(lambda: w.drops().get("rate_limited", 0) == 15)
+        w.b.sock.sendto(data(ep, b"b still passes"), w.b.relay)
+        assert w.a.recv() == data(ep, b"b still passes")
+    finally:
+        w.close()
+
+
+def test_native_loop_follows_a_rebind_and_pause() -> None:
+    """The C table follows the core: after a re-bind from a new port the old address's data is
+    the core's (dropped as unbound_source) and the new one is forwarded; while paused nothing is
+    forwarded (the kernel-path tests rely on it), and after resume forwarding goes on."""
+    w = World(offload=True, native=True)
+    try:
+        ep = w.bound()
+        moved = Client(w.a.key, w.shell.port)
+        w.clients.append(moved)
+        moved.bind(ep, gen=2)
+        assert wait_for(lambda: moved.addr in _addrs(w, ep))
+        w.a.sock.sendto(data(ep, b"old"), w.a.relay)
+        assert wait_for(lambda: w.drops().get("unbound_source", 0) == 1)
+        moved.sock.sendto(data(ep, b"new"), moved.relay)
+        assert w.b.recv() == data(ep, b"new")
+        w.shell.pause()
+        time.sleep(0.1)
+        moved.sock.sendto(data(ep, b"held"), moved.relay)
+        assert w.b.recv(0.3) is None
+        w.shell.resume()
+        assert w.b.recv() == data(ep, b"held")
+    finally:
+        w.close()
+
+
+def test_native_loop_unavailable_falls_back_to_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+
+    monkeypatch.setattr(native, "load", broken)
+    server = RelayServer(PrivateKey.generate(), time.monotonic())
+    shell = RelayUDP(server, 0, host="127.0.0.1", native=True)
+    shell.start()
+    try:
+        assert not shell.native
+        assert shell.native_reason is not None and "compiler" in shell.native_reason
+        assert shell.running
+    finally:
+        shell.stop()
+
+
+def test_native_loop_gathers_single_datagrams_and_keeps_their_boundaries() -> None:
+    """Datagrams sent one by one (as wireguard-go sends) that wait in the socket together leave
+    the native loop gathered into GSO sends (forwarded_runs), each still arriving whole and in
+    order: equal sizes, then a shorter one, which may only end a gathered send."""
+    w = World(offload=True, native=True)
+    try:
+        if not w.shell.offloads["gso"]:
+            pytest.skip("no UDP GSO on this kernel's loopback")
+        ep = w.bound()
+        w.shell.pause()
+        time.sleep(0.1)
+        sent = [data(ep, bytes([i]) * 700) for i in range(10)]
+        sent += [data(ep, b"short"), data(ep, b"x" * 700), data(ep, b"y" * 900)]
+        for p in sent:
+            w.a.sock.sendto(p, w.a.relay)
+        w.shell.resume()
+        assert [w.b.recv() for _ in sent] == sent
+        assert wait_for(lambda: w.counters().forwarded_packets == len(sent))
+        assert w.counters().forwarded_runs >= 1
+    finally:
+        w.close()

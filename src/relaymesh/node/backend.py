@@ -94,8 +94,9 @@ NETCHECK_RETRY = 5.0  # s: after a check that got no region at all (DERP down at
 # "0": the relay forwards in userspace only. Default: the nftables fast path where possible (its
 # table is owned by this process, so the kernel removes it when the daemon dies, even by SIGKILL).
 RELAY_KERNEL_ENV = "RELAYMESH_RELAY_KERNEL"
-#   (docs/peer-relays.md; falls back to userspace by itself). Off by default until it has been
-#   measured through daemons on more hosts (bench/paths.py measures both).
+# "0": the relay's userspace forwarding is the Python loop. Default: the native loop (a small C
+# file built on first use, relay/native.py) where a compiler is at hand.
+RELAY_NATIVE_ENV = "RELAYMESH_RELAY_NATIVE"
 RELAY_BPS_ENV = "RELAYMESH_RELAY_CLIENT_BYTES_PER_SECOND"  # per-client byte rate limit of the
 #   relay (default RelayLimits: 50 MB/s); the burst is a fifth of a second of it (>= 64 KiB)
 RELAY_IDLE_ENV = "RELAYMESH_RELAY_IDLE_LIFETIME"  # s; lets test configs shorten the relay's idle
@@ -321,7 +322,8 @@ class Backend:
         # list the TUN's tailnet address (relaying through the tunnel itself)
         svc = RelayService(self.st.disco_key, self._relay_allowed, resolver=self._relay_name,
                            limits=limits, static_endpoints=statics, discover_candidates=False,
-                           kernel=os.environ.get(RELAY_KERNEL_ENV) != "0")
+                           kernel=os.environ.get(RELAY_KERNEL_ENV) != "0",
+                           native=os.environ.get(RELAY_NATIVE_ENV) != "0")
         try:
             port = svc.start(want)
         except OSError as e:

@@ -114,6 +114,7 @@ class RelayService:
         discover_candidates: bool = True,
         kernel: bool = False,
         kernel_netns: str | None = None,
+        native: bool = True,
         host: str = "",
         offload: bool = True,
         clock: Callable[[], float] = time.monotonic,
@@ -129,6 +130,7 @@ class RelayService:
         self.static_endpoints = tuple(static_endpoints)
         self.discover_candidates = discover_candidates
         self.want_kernel = kernel
+        self.want_native = native
         self.kernel_netns = kernel_netns
         self.host = host
         self.offload = offload
@@ -166,7 +168,8 @@ class RelayService:
             server = RelayServer(self.private, self.clock(), limits=self.limits)
             sock = None if self.socket_factory is None else self.socket_factory(port)
             shell = RelayUDP(server, port, host=self.host, sock=sock, clock=self.clock,
-                             offload=self.offload, on_control=self._sync_kick.set)
+                             offload=self.offload, on_control=self._sync_kick.set,
+                             native=self.want_native)
             self.server, self.shell = server, shell
             self._apply_candidates()
             shell.start()
@@ -227,9 +230,11 @@ class RelayService:
                 log.exception("relay: kernel sync failed")
 
     def _refresh_kernel(self) -> None:
-        """Kernel-forwarded traffic credited now, so a listing or a scrape is current (one
-        netlink counter dump; a sync would be up to ``sync_interval`` behind)."""
+        """Kernel- and natively-forwarded traffic credited now, so a listing or a scrape is
+        current (one netlink counter dump; a sync would be up to ``sync_interval`` behind)."""
         kp, shell = self.kernel, self.shell
+        if shell is not None:
+            shell.refresh()
         if kp is not None and shell is not None:
             kp.refresh(shell.server, shell.lock, self.clock)
 
@@ -371,6 +376,7 @@ class RelayService:
             "sessions": sum(m.sessions_by_state.values()),
             "drops": drops,
             "kernel": self.kernel is not None,
+            "native": shell.native,
             "offloads": shell.offloads,
             "load": self.load(),
         }
@@ -380,4 +386,6 @@ class RelayService:
                        kernel_forwarded_bytes=ks.forwarded_bytes, kernel_errors=ks.errors)
         elif self.want_kernel:
             out["kernel_unavailable"] = self.kernel_reason or "not started"
+        if shell.native_reason:
+            out["native_unavailable"] = shell.native_reason
         return out

@@ -205,6 +205,17 @@ class _Route:
 
 
 @dataclass(frozen=True, slots=True)
+class BoundRoute:
+    """One direction of a bound session, for a fast path that forwards outside the core."""
+
+    session_id: int
+    side: int  # index of the sending client (SessionStats.clients; RelayServer.credit)
+    src: Addr  # the sender's bound address
+    dst: Addr  # the other side's bound address
+    client: DiscoKey  # the sender: whose rate limits apply
+
+
+@dataclass(frozen=True, slots=True)
 class SessionStats:
     """A session as metrics and `debug` see it; direction 0 = client 0 -> client 1."""
 
@@ -255,6 +266,7 @@ class RelayServer:
         self._client_sessions: Counter[DiscoKey] = Counter()
         self._buckets: dict[DiscoKey, _Bucket] = {}
         self._routes: dict[tuple[int, Addr], _Route] = {}
+        self.routes_version = 0  # bumped whenever _routes changes (fast paths re-read them)
         self._next_allocation_id = 1
         self._t0 = now
         self._epoch = 0
@@ -398,6 +410,7 @@ class RelayServer:
     def _remove(self, sess: _Session) -> None:
         for key in sess.route_keys:
             self._routes.pop(key, None)
+        self.routes_version += 1
         sess.route_keys = []
         del self._sessions[sess.session_id]
         a, b = sess.sides
@@ -524,6 +537,7 @@ class RelayServer:
         return False
 
     def _reroute(self, sess: _Session) -> None:
+        self.routes_version += 1
         for key in sess.route_keys:
             self._routes.pop(key, None)
         sess.route_keys = []
@@ -554,6 +568,14 @@ class RelayServer:
         if packets:
             s.last_seen = max(s.last_seen, now)
         return True
+
+    def bound_routes(self) -> list[BoundRoute]:
+        """Every direction of every bound session, as :meth:`forward_run` would route it."""
+        out: list[BoundRoute] = []
+        for (sid, src), route in self._routes.items():
+            side = 0 if route.session.sides[0] is route.src_side else 1
+            out.append(BoundRoute(sid, side, src, route.dest, route.src_side.key))
+        return out
 
     def forward(self, packet: bytes, source: Addr, now: float) -> Addr | None:
         """Data packet -> destination address, or None.

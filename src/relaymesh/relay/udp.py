@@ -46,8 +46,9 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from relaymesh.relay import native as native_mod
 from relaymesh.relay.header import CONTROL_BIT, HEADER_LEN
-from relaymesh.relay.session import Addr, RelayServer
+from relaymesh.relay.session import Addr, Drop, RelayServer
 from relaymesh.wireguard.datapath import (
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
@@ -129,7 +130,10 @@ class RelayUDP:
         offload: bool = True,
         expire_interval: float = EXPIRE_INTERVAL,
         on_control: Callable[[], None] | None = None,
+        native: bool = False,
     ) -> None:
+        """``native``: forward bound sessions with the C loop (relay/native.py) when it can be
+        built and loaded; otherwise, or when False, with the Python loop."""
         self.server = server
         self.sock = sock if sock is not None else open_udp_socket(port, host)
         self.lock = lock or threading.Lock()
@@ -150,6 +154,11 @@ class RelayUDP:
         self._thread: threading.Thread | None = None
         self._next_expire = 0.0
         self._errors_logged: collections.Counter[str] = collections.Counter()
+        self.want_native = native
+        self.native_reason: str | None = None  # why the native loop is off, when it was wanted
+        self._native: native_mod.NativeForwarder | None = None
+        self._credit_wanted = threading.Event()
+        self._credited = threading.Event()
 
     # ---- control side -------------------------------------------------------------------------
     @property
@@ -162,6 +171,11 @@ class RelayUDP:
         return {"gso": self._gso, "gro": self._gro}
 
     @property
+    def native(self) -> bool:
+        """The native loop forwards (started, and it could be loaded)."""
+        return self._native is not None
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -170,6 +184,14 @@ class RelayUDP:
             raise RuntimeError("relay shell already started")
         self.sock.setblocking(True)  # sends block (backpressure); receives use MSG_DONTWAIT
         self._next_expire = self.clock() + self.expire_interval
+        if self.want_native and self._native is None:
+            try:
+                self._native = native_mod.NativeForwarder(
+                    self.sock, self._wake_r, self.server.limits, self._gso, RECV_BUFSIZE)
+                self.native_reason = None
+            except OSError as e:
+                self.native_reason = str(e)
+                log.warning("relay: %s; forwarding with the Python loop", e)
         self._thread = threading.Thread(target=self._guard, name="relay-udp", daemon=True)
         self._thread.start()
 
@@ -196,6 +218,16 @@ class RelayUDP:
     def resume(self) -> None:
         self._unpaused.set()
         self._wake()
+
+    def refresh(self, timeout: float = 0.5) -> None:
+        """Have the native loop credit its counters to the core now (listings and scrapes call
+        this so they are current); a no-op for the Python loop, which counts as it forwards."""
+        if self._native is None or not self.running or threading.current_thread() is self._thread:
+            return
+        self._credited.clear()
+        self._credit_wanted.set()
+        self._wake()
+        self._credited.wait(timeout)
 
     def stats(self) -> dict[str, int]:
         """Shell counters plus the core's drop reasons (prefixed ``core_drop_``)."""
@@ -250,6 +282,9 @@ class RelayUDP:
             log.warning("relay: %s (%d so far): %s: %s", reason, n, type(e).__name__, e)
 
     def _loop(self) -> None:
+        if self._native is not None:
+            self._native_loop(self._native)
+            return
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -269,6 +304,78 @@ class RelayUDP:
                 if not self._unpaused.is_set():
                     break
             self._maybe_expire()
+
+    def _native_loop(self, nat: native_mod.NativeForwarder) -> None:
+        """The C loop forwards bound sessions; this thread wakes only for what it hands back
+        (control packets, anything not a bound session's data), the expiry timer, a wake-up."""
+        stopping = self._stopping.is_set
+        version = -1
+        while not stopping():
+            if not self._unpaused.is_set():
+                self._unpaused.wait(0.1)
+                self._drain_wake()
+                continue
+            if self.server.routes_version != version:  # an int read: no lock needed to look
+                version = self._native_install(nat)
+            # the timer is on self.clock; the C loop waits on CLOCK_MONOTONIC
+            deadline = time.monotonic() + max(0.0, self._next_expire - self.clock())
+            rc = nat.run(deadline)
+            self._native_counters(nat)
+            if rc == native_mod.PASSUP:
+                view, ups = nat.view, nat.passups()
+                self._process([(n, src, n) for _, n, src in ups],
+                              [view[off : off + n] for off, n, _ in ups], received=False)
+            elif rc == native_mod.WAKE:
+                self._drain_wake()
+            elif rc == native_mod.ERROR:
+                err = nat.ctx.err
+                self._count_error("recv_error", OSError(err, os.strerror(err)))
+            if self._credit_wanted.is_set() or self.clock() >= self._next_expire:
+                self._native_credit(nat)
+                self._maybe_expire()
+
+    def _native_install(self, nat: native_mod.NativeForwarder) -> int:
+        """Copy the core's bound routes into the C table (counters of the old one first)."""
+        self._native_credit(nat)
+        with self.lock:
+            version = self.server.routes_version
+            routes = self.server.bound_routes()
+        nat.install(routes, time.monotonic())
+        return version
+
+    def _native_credit(self, nat: native_mod.NativeForwarder) -> None:
+        """What the C loop forwarded, into the core: per session side (so it neither idles out
+        nor under-reports) and the rate-limit drops."""
+        self._credit_wanted.clear()
+        credits = nat.take()
+        if credits:
+            srv = self.server
+            with self.lock:
+                now = self.clock()
+                for cr in credits:
+                    if cr.packets:
+                        srv.credit(cr.session_id, cr.side, cr.packets, cr.bytes, now)
+                    if cr.rate_limited:
+                        srv.drops[Drop.RATE_LIMITED] += cr.rate_limited
+        self._credited.set()
+
+    def _native_counters(self, nat: native_mod.NativeForwarder) -> None:
+        c = self.counters
+        d = nat.counters()
+        c.receives += d["receives"]
+        c.rx_packets += d["rx_packets"]
+        c.rx_bytes += d["rx_bytes"]
+        c.forwarded_packets += d["forwarded_packets"]
+        c.forwarded_bytes += d["forwarded_bytes"]
+        c.forwarded_runs += d["forwarded_runs"]
+        if d["send_errors"]:
+            err = nat.ctx.last_send_errno
+            self._count_error("send_error", OSError(err, os.strerror(err)))
+            c.drops["send_error"] += d["send_errors"] - 1
+        if d["passup_overflow"]:
+            c.drops["passup_overflow"] += d["passup_overflow"]
+        if not nat.gso:
+            self._gso = False
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -299,8 +406,14 @@ class RelayUDP:
     def _drain(self, bufs: list[bytearray], views: list[memoryview]) -> int:
         """One batch: receive, decide under the lock, send. Returns how many receives it did."""
         got = self._receive(bufs)
-        if not got:
-            return 0
+        if got:
+            self._process(got, views)
+        return len(got)
+
+    def _process(self, got: list[tuple[int, Any, int]], views: list[memoryview],
+                 received: bool = True) -> None:
+        """Decide ``got`` (``views[i]`` holds receive i) under the lock, then send.
+        ``received=False``: the native loop already counted these receives."""
         c = self.counters
         srv = self.server
         forward_run = srv.forward_run
@@ -374,7 +487,8 @@ class RelayUDP:
                     srv.sample_load(now)
                 except Exception as e:  # pragma: no cover
                     self._count_error("core_expire_error", e)
-        c.receives += len(got)
+        if received:
+            c.receives += len(got)
         c.rx_packets += nrx
         c.rx_bytes += nbytes
         if out:
@@ -384,7 +498,6 @@ class RelayUDP:
                 self.on_control()
             except Exception as e:
                 self._count_error("on_control_error", e)
-        return len(got)
 
     @staticmethod
     def _uniform_run(view: memoryview, total: int, seg: int, limit: int) -> int:
