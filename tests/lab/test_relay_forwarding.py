@@ -150,7 +150,7 @@ class RelayWorld:
 
 
 def start_world(lab: Lab, *, kernel: bool, limits: RelayLimits | None = None,
-                grants: set[frozenset[str]] | None = None) -> RelayWorld:
+                grants: set[frozenset[str]] | None = None, native: bool = True) -> RelayWorld:
     ns_r = lab.netns("r")
     a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
     names = {a_key.disco_public(): "a", b_key.disco_public(): "b"}
@@ -161,7 +161,7 @@ def start_world(lab: Lab, *, kernel: bool, limits: RelayLimits | None = None,
     service = RelayService(
         PrivateKey.generate(), allowed, resolver=names.get, limits=limits,
         static_endpoints=[(IPv4Address(lab.address("r")), 0)], discover_candidates=False,
-        kernel=kernel, kernel_netns=ns_r if kernel else None, sync_interval=0.2,
+        kernel=kernel, kernel_netns=ns_r if kernel else None, sync_interval=0.2, native=native,
         socket_factory=lambda port: run_in_netns(ns_r, lambda: open_udp_socket(port)))
     port = service.start(0)
     service.set_candidates([(IPv4Address(lab.address("r")), port)])
@@ -170,12 +170,17 @@ def start_world(lab: Lab, *, kernel: bool, limits: RelayLimits | None = None,
                       Client(lab, "b", relay_addr, b_key), [])
 
 
-@pytest.fixture(params=[False, True], ids=["userspace", "kernel"])
+@pytest.fixture(params=["native", "python", "kernel"])
 def world(request: pytest.FixtureRequest, lab_factory: Callable[..., Lab]) -> Iterator[RelayWorld]:
+    """The userspace loop in C (the default) and in Python, and the nftables path."""
     lab = lab_factory(relay_topology())
-    w = start_world(lab, kernel=request.param)
-    if request.param:
+    kernel = request.param == "kernel"
+    w = start_world(lab, kernel=kernel, native=request.param == "native")
+    if kernel:
         assert w.service.kernel is not None, w.service.kernel_reason
+    shell = w.service.shell
+    assert shell is not None
+    assert shell.native == (request.param == "native"), shell.native_reason
     try:
         yield w
     finally:

@@ -535,3 +535,22 @@ def test_native_loop_gathers_single_datagrams_and_keeps_their_boundaries() -> No
         assert w.counters().forwarded_runs >= 1
     finally:
         w.close()
+
+
+def test_native_forwarding_keeps_a_session_alive_past_the_idle_lifetime() -> None:
+    """What the C loop forwards is credited to the core before each expiry, so a session busy
+    only through it outlives the idle lifetime; once silent, it expires."""
+    w = World(offload=True, limits=RelayLimits(idle_lifetime=0.4), native=True)
+    w.shell.expire_interval = 0.05
+    try:
+        ep = w.bound()
+        end = time.monotonic() + 1.2  # three idle lifetimes
+        while time.monotonic() < end:
+            w.a.sock.sendto(data(ep, b"a"), w.a.relay)
+            w.b.sock.sendto(data(ep, b"b"), w.b.relay)
+            assert w.b.recv() == data(ep, b"a") and w.a.recv() == data(ep, b"b")
+            time.sleep(0.1)
+        assert w.state(ep) is relay.State.BOUND
+        assert wait_for(lambda: w.state(ep) is None)
+    finally:
+        w.close()

@@ -314,6 +314,8 @@ class RelayUDP:
             if not self._unpaused.is_set():
                 self._unpaused.wait(0.1)
                 self._drain_wake()
+                if self._credit_wanted.is_set():  # a listing must not wait out a pause
+                    self._native_credit(nat)
                 continue
             if self.server.routes_version != version:  # an int read: no lock needed to look
                 version = self._native_install(nat)
@@ -324,7 +326,7 @@ class RelayUDP:
             if rc == native_mod.PASSUP:
                 view, ups = nat.view, nat.passups()
                 self._process([(n, src, n) for _, n, src in ups],
-                              [view[off : off + n] for off, n, _ in ups], received=False)
+                              [view[off : off + n] for off, n, _ in ups], native=True)
             elif rc == native_mod.WAKE:
                 self._drain_wake()
             elif rc == native_mod.ERROR:
@@ -411,9 +413,11 @@ class RelayUDP:
         return len(got)
 
     def _process(self, got: list[tuple[int, Any, int]], views: list[memoryview],
-                 received: bool = True) -> None:
+                 native: bool = False) -> None:
         """Decide ``got`` (``views[i]`` holds receive i) under the lock, then send.
-        ``received=False``: the native loop already counted these receives."""
+        ``native``: the native loop's pass-ups. It counted their receives, and it runs expiry
+        itself, after crediting what it forwarded (else a session it kept busy could look
+        idle)."""
         c = self.counters
         srv = self.server
         forward_run = srv.forward_run
@@ -480,14 +484,14 @@ class RelayUDP:
                         if n > 1:
                             c.forwarded_runs += 1
                     off = run_end
-            if now >= self._next_expire:
+            if now >= self._next_expire and not native:
                 self._next_expire = now + self.expire_interval
                 try:
                     srv.expire(now)
                     srv.sample_load(now)
                 except Exception as e:  # pragma: no cover
                     self._count_error("core_expire_error", e)
-        if received:
+        if not native:
             c.receives += len(got)
         c.rx_packets += nrx
         c.rx_bytes += nbytes
