@@ -13,7 +13,13 @@ from collections.abc import Callable
 import pytest
 
 from relaymesh.lab import Lab, LabError, Topology
-from relaymesh.lab.netns import leak_report, list_netns, netns_inode, run_namespaces
+from relaymesh.lab.netns import (
+    cleanup_run,
+    leak_report,
+    list_netns,
+    netns_inode,
+    run_namespaces,
+)
 
 pytestmark = pytest.mark.lab
 LabFactory = Callable[..., Lab]
@@ -80,6 +86,7 @@ def test_signal_to_the_building_process_tears_down(sig: signal.Signals, repeat: 
     """One signal, or a burst (an impatient Ctrl-C Ctrl-C ...) that lands during teardown."""
     child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
+    run_id: str | None = None
     try:
         assert child.stdout is not None
         line = child.stdout.readline().split()
@@ -94,6 +101,8 @@ def test_signal_to_the_building_process_tears_down(sig: signal.Signals, repeat: 
         if child.poll() is None:
             child.kill()
             child.wait()
+            if run_id is not None:  # it never tore its lab down: a failed test leaves nothing
+                cleanup_run(run_id)
     assert rc != 0
     assert run_namespaces(run_id) == []
     assert not _pid_alive(pid)
