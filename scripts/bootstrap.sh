@@ -34,9 +34,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   rm -f "$log"
   touch "$stamp"
 fi
-# The relay's native loop, next to its source (named by the source's hash: rebuilt when it changes;
-# without a compiler the relay forwards with its Python loop and says so in its metrics).
-if ! ls src/relaymesh/relay/_fastfwd-"$(sha256sum src/relaymesh/relay/_fastfwd.c | cut -c1-16)".so \
-    >/dev/null 2>&1; then
-  .venv/bin/python -m relaymesh.relay.native >/dev/null || echo "bootstrap: native relay loop not built (see above); the relay will use its Python loop" >&2
-fi
+# The relay's native loop, next to its source (named by the source's hash, so it is rebuilt when the
+# source changes and left alone otherwise; without a compiler the relay forwards with its Python
+# loop and says so in its metrics).
+.venv/bin/python -m relaymesh.relay.native >/dev/null || echo "bootstrap: native relay loop not built (see above); the relay will use its Python loop" >&2

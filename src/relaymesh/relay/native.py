@@ -187,7 +187,9 @@ def _addr16(ip: str) -> bytes:
 
 
 def addr_of(raw: bytes, port: int) -> Addr:
-    """A table address back as the core's ``(ip, port)``: plain dotted IPv4 when mapped."""
+    """A table address back as the core's ``(ip, port)``: plain dotted IPv4 when mapped.
+    Formatted by ``inet_ntop`` as the socket module formats the Python loop's sources (the core
+    keys bound addresses by these strings), not by ``ipaddress`` as ``disco.decode_addr``."""
     if raw[:12] == V4_MAPPED:
         return socket.inet_ntoa(raw[12:]), port
     return socket.inet_ntop(socket.AF_INET6, raw), port
@@ -314,8 +316,11 @@ class NativeForwarder:
 
 def main(argv: Sequence[str] = ()) -> int:
     """``python -m relaymesh.relay.native [DIR]``: build the library (default: next to the
-    source, where the relay looks first)."""
+    source, where the relay looks first) unless this source's build is already there."""
     dest = Path(argv[0]) if argv else SOURCE.parent
+    if (dest / library_name()).exists():
+        print(dest / library_name())
+        return 0
     try:
         path = build(dest)
     except subprocess.CalledProcessError as e:

@@ -229,13 +229,14 @@ class RelayService:
             except Exception:  # never let the sync thread die silently
                 log.exception("relay: kernel sync failed")
 
-    def _refresh_kernel(self) -> None:
+    def _refresh(self) -> None:
         """Kernel- and natively-forwarded traffic credited now, so a listing or a scrape is
         current (one netlink counter dump; a sync would be up to ``sync_interval`` behind)."""
         kp, shell = self.kernel, self.shell
-        if shell is not None:
-            shell.refresh()
-        if kp is not None and shell is not None:
+        if shell is None:
+            return
+        shell.refresh()
+        if kp is not None:
             kp.refresh(shell.server, shell.lock, self.clock)
 
     def sync_kernel(self) -> None:
@@ -326,7 +327,7 @@ class RelayService:
         shell = self.shell
         if shell is None:
             return []
-        self._refresh_kernel()
+        self._refresh()
         with shell.lock:
             stats = shell.server.metrics(with_sessions=True).sessions
         in_kernel = set() if self.kernel is None else {f.session_id for f in self.kernel.flows}
@@ -356,7 +357,7 @@ class RelayService:
         shell = self.shell
         if shell is None:
             return {"running": False}
-        self._refresh_kernel()
+        self._refresh()
         with shell.lock:
             m = shell.server.metrics()
         c = shell.counters
