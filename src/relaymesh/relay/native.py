@@ -229,10 +229,11 @@ class NativeForwarder:
         c.buf = ctypes.cast(self._cbuf, ctypes.POINTER(ctypes.c_uint8))
         c.bufsize = bufsize
         self.view = memoryview(self.buf)
-        self._routes: list[BoundRoute] = []
-        self._route_arr = (Route * 1)()
-        self._index = (ctypes.c_int32 * 2)()
-        self._buckets = (Bucket * 1)()
+        # the arrays the context points at (install keeps them alive); set by install
+        self._routes: list[BoundRoute]
+        self._route_arr: ctypes.Array[Route]
+        self._index: ctypes.Array[ctypes.c_int32]
+        self._buckets: ctypes.Array[Bucket]
         self._slots: dict[DiscoKey, int] = {}  # client -> bucket index, kept across rebuilds
         self.install([], 0.0)
 
