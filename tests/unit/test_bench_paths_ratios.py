@@ -39,3 +39,15 @@ def test_ratio_without_runs_is_zero() -> None:
     mid = paths.ratios(rows)["bbr"]
     assert round(mid["user/direct"], 2) == 0.9
     assert mid["kernel/direct"] == 0.0
+
+
+def test_conditions_differ_only_in_the_clients_uplinks() -> None:
+    # link: every client's uplink is a kernel tbf at the given rate and nothing else; clean:
+    # no impairment at all; impaired: delay on every client, loss on the senders only
+    link = paths.topology("link", 250.0)
+    assert {h: (i.rate_mbit, i.needs_shaper) for h, i in link.impairments.items()} == {
+        h: (250.0, False) for h in paths.CLIENTS}
+    assert paths.topology("clean").impairments == {}
+    imp = paths.topology("impaired").impairments
+    assert {h: (i.delay_ms, i.loss_pct) for h, i in imp.items()} == {
+        h: (10.0, 0.5 if h.startswith("a") else 0.0) for h in paths.CLIENTS}
