@@ -186,3 +186,62 @@ def test_inbound_filter_drops_and_counts(setup: Setup) -> None:
     assert stats["drop_filtered"] == 2  # the refused packet and the one whose filter raised
     assert stats["drop_filter_error"] == 1
     assert seen_peers == [PEER] * 3
+
+
+class RunCore(Core):
+    """A core that takes GRO runs of framed WireGuard whole (like the node's TrackingDevice):
+    session 7 whole, session 8 not (None: segment by segment), session 9 raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[int] = []
+
+    def receive_run(self, view: memoryview, total: int, seg: int, source: Hashable,
+                    now: float) -> list[Rx] | None:
+        session = int.from_bytes(view[4:7], "big")
+        if session == 9:
+            raise RuntimeError("core bug")
+        if session != 7:
+            return None
+        segs = [bytes(view[off : off + seg]) for off in range(0, total, seg)]
+        self.runs.append(len(segs))
+        return [Rx(packets=[s[8:]], peer=PEER) for s in segs]
+
+
+def test_a_device_takes_a_framed_gro_run_whole_or_hands_it_back() -> None:
+    """The datapath offers every GRO receive that starts framed to ``receive_run``: what it
+    returns is delivered as per-segment results; None hands the segments to ``receive`` one by
+    one; an exception drops that receive, counted, and the loop goes on."""
+    sock = open_udp_socket(0, "127.0.0.1")
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    core, tun = RunCore(), MemoryTun()
+    dp = Datapath(core, tun, sock, framed=RELAY_WIREGUARD_PREFIX)
+    try:
+        if not dp.offloads["gro"]:
+            pytest.skip("no UDP GRO on this kernel's loopback")
+        dp.start()
+        dest = ("127.0.0.1", sock.getsockname()[1])
+
+        def burst(session: int) -> list[bytes]:
+            dgrams = [encode_header(session, PROTO_WIREGUARD) + b"\x04" + bytes([i]) * 100
+                      for i in range(6)]
+            size = len(dgrams[0]).to_bytes(2, sys.byteorder)
+            tx.sendmsg([b"".join(dgrams)], [(SOL_UDP, UDP_SEGMENT, size)], 0, dest)
+            return dgrams
+
+        whole = burst(7)
+        for d in whole:
+            assert tun.delivered(2.0) == d[8:]
+        assert core.runs == [6] and core.seen == []
+        burst(9)
+        assert wait_for(lambda: dp.stats().get("drop_core_receive_error") == 1)
+        handed_back = burst(8)
+        assert wait_for(lambda: core.seen == handed_back)
+        assert core.runs == [6]
+        assert tun.delivered(0.2) is None  # segment by segment, the fake core delivers no frame
+        assert dp.stats()["udp_rx_packets"] == 18
+    finally:
+        dp.stop()
+        tun.close()
+        sock.close()
+        tx.close()

@@ -12,10 +12,12 @@ import dataclasses
 import itertools
 import os
 from ipaddress import ip_address
+from types import SimpleNamespace
 from typing import Any
 
 from relaymesh.disco import AllocateRequest, CallMeMaybeVia, Ping, RelayEndpoint, seal
 from relaymesh.keys import PrivateKey
+from relaymesh.magicsock.route import PeerEndpoint
 from relaymesh.node.disco import NOT_AUTHORIZED, DiscoManager, PingResult, RelayInfo, Send
 from relaymesh.node.engine import TrackingDevice
 from relaymesh.node.filter import InboundFilter
@@ -276,6 +278,55 @@ def test_tracking_device_unwraps_relay_frames_only_for_bound_sessions() -> None:
     assert dev.relay_drops == {"relay_unknown_session": 2, "relay_not_wireguard": 2,
                                "not_relay": 2}
     assert dev.relay_rx_packets == 1
+
+
+
+def test_tracking_device_takes_a_gro_run_of_one_session_whole() -> None:
+    """``receive_run``: a GRO receive whose segments all carry one bound session reaches the
+    device segment by segment, header stripped, after one lookup; a run it cannot take whole
+    (another session inside, an unknown session, an unbound source, a header-only tail) is left
+    to per-segment :meth:`TrackingDevice.receive` (None), which counts each drop by reason."""
+    inner = _Inner()
+    dev = TrackingDevice(inner, InboundFilter(), lambda: 0.0)  # type: ignore[arg-type]
+    pe = PeerEndpoint(b"p" * 32)
+    dev.set_relay_sessions({(RELAY_ADDR, 77): pe})
+    hdr, other = encode_header(77, PROTO_WIREGUARD), encode_header(78, PROTO_WIREGUARD)
+    wgs = [b"\x04\x00\x00\x00" + bytes([i]) * 40 for i in range(5)]
+    tail = b"\x04\x00\x00\x00" + b"z" * 10  # the last segment of a run may be shorter
+    buf = b"".join(hdr + w for w in wgs) + hdr + tail
+    seg = len(hdr) + len(wgs[0])
+    rs = dev.receive_run(memoryview(buf), len(buf), seg, RELAY_ADDR, 0.0)
+    assert rs is not None and len(rs) == 6
+    assert inner.got == [(w, pe) for w in [*wgs, tail]]
+    assert (dev.relay_rx_packets, dev.relay_rx_bytes) == (6, len(buf))
+    for run, source in ((hdr + wgs[0] + other + wgs[1], RELAY_ADDR),
+                        (other + wgs[0] + other + wgs[1], RELAY_ADDR),
+                        (buf, ("198.18.9.9", 1)),
+                        (hdr + wgs[0] + hdr, RELAY_ADDR)):
+        assert dev.receive_run(memoryview(run), len(run), seg, source, 0.0) is None
+    assert len(inner.got) == 6 and dev.relay_drops == {}
+
+
+def test_tracking_device_drops_the_segments_of_a_run_another_peer_sent() -> None:
+    """The session is bound to one peer: a segment that decrypts as another peer's is dropped
+    and counted, the rest of the run is delivered."""
+    pe = PeerEndpoint(b"p" * 32)
+
+    class Inner(_Inner):
+        def receive(self, datagram: memoryview, source: Any, now: float) -> Received:
+            super().receive(datagram, source, now)
+            key = b"q" * 32 if bytes(datagram[4:5]) == b"\x02" else pe.node_key
+            return Received([], [], SimpleNamespace(public_key=key))  # type: ignore[arg-type]
+
+    inner = Inner()
+    dev = TrackingDevice(inner, InboundFilter(), lambda: 0.0)  # type: ignore[arg-type]
+    dev.set_relay_sessions({(RELAY_ADDR, 77): pe})
+    hdr = encode_header(77, PROTO_WIREGUARD)
+    buf = b"".join(hdr + b"\x04\x00\x00\x00" + bytes([i]) * 40 for i in range(4))
+    rs = dev.receive_run(memoryview(buf), len(buf), len(buf) // 4, RELAY_ADDR, 0.0)
+    assert rs is not None and len(rs) == 3 and len(inner.got) == 4
+    assert dev.relay_drops == {"relay_wrong_peer": 1}
+    assert (dev.relay_rx_packets, dev.relay_rx_bytes) == (3, len(buf) * 3 // 4)
 
 
 def test_prometheus_text_has_every_path_and_the_relay_counters() -> None:

@@ -31,6 +31,7 @@ from relaymesh.relay.header import HEADER_LEN as RELAY_HEADER_LEN
 from relaymesh.relay.header import PROTOCOLS as RELAY_PROTOCOLS
 from relaymesh.relay.header import WIREGUARD_PREFIX as RELAY_WIREGUARD_PREFIX
 from relaymesh.stun import is_stun
+from relaymesh.wireguard.datapath import same_heads
 from relaymesh.wireguard.device import Device, Received, Transmit
 from relaymesh.wireguard.tun import TunLike
 
@@ -132,6 +133,35 @@ class TrackingDevice:
                 self.on_stun(data, source)
                 return Received([], [], None)
         return self.inner.receive(datagram, source, now)
+
+    def receive_run(self, view: memoryview, total: int, seg: int, source: Any,
+                    now: float) -> list[Received] | None:
+        """A GRO receive of relayed WireGuard (the datapath's ``framed`` run): when every
+        segment carries the same whole header (one session, the bulk flow through a relay), one
+        header check and one lookup serve all of them and each segment goes straight to the
+        device, ~0.4 us less per packet than :meth:`receive` each. None (nothing consumed) when
+        the headers differ, the session is unknown or a segment is header only: the caller then
+        hands the segments to :meth:`receive` one by one, which counts each drop by reason."""
+        n = same_heads(view, total, seg, RELAY_HEADER_LEN)
+        if not n or total - (n - 1) * seg <= RELAY_HEADER_LEN:
+            return None
+        w0, w1 = _RELAY_WORDS.unpack_from(view)
+        pe = self._relay_in.get((source, w1)) if w0 == _RELAY_WG else None
+        if pe is None:
+            return None
+        recv, key, out, wrong = self.inner.receive, pe.node_key, [], 0
+        step = seg - RELAY_HEADER_LEN
+        for off in range(RELAY_HEADER_LEN, total, seg):
+            r = recv(view[off : off + step], pe, now)
+            peer = r.peer
+            if peer is not None and peer.public_key != key:
+                self._drop("relay_wrong_peer")  # the session belongs to another peer
+                wrong += min(seg, total - off + RELAY_HEADER_LEN)
+                continue
+            out.append(r)
+        self.relay_rx_packets += len(out)
+        self.relay_rx_bytes += total - wrong
+        return out
 
     def _drop(self, reason: str) -> Received:
         self.relay_drops[reason] = self.relay_drops.get(reason, 0) + 1

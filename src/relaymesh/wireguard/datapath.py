@@ -254,7 +254,10 @@ class Datapath:
         WireGuard type (1..4), e.g. disco, before the core; True means it consumed it.
         ``framed``: datagrams starting with these bytes are WireGuard in a frame the device
         unwraps itself (the node's peer-relay header); they skip ``divert`` and its copy, which
-        cost a relayed packet more than the unwrap does.
+        cost a relayed packet more than the unwrap does. A device with a ``receive_run(view,
+        total, seg, source, now)`` method is offered each GRO receive that starts framed, whole:
+        it returns a result per segment it consumed, or None to have them handed over one by
+        one (the node unwraps a run of one relay session with one lookup).
         ``inbound_filter(packet, peer)`` judges each decrypted packet before the TUN write; False
         drops it (counted as ``filtered``). Both run on the inbound thread under the lock."""
         if threads not in (1, 2):
@@ -267,6 +270,8 @@ class Datapath:
         self.divert = divert
         self.inbound_filter = inbound_filter
         self.framed = framed
+        self._framed_run: Callable[..., Sequence[ReceivedLike] | None] | None = (
+            getattr(device, "receive_run", None) if framed else None)
         self.lock = threading.Lock()
         self.counters = Counters()
         # UDP GSO/GRO (see _send_gso/_drain_udp): fewer syscalls per packet, where available
@@ -565,6 +570,8 @@ class Datapath:
         framed = self.framed if extra is None else b""  # spray sockets: no relay framing
         flen = len(framed)
         flt = self.inbound_filter
+        run = self._framed_run if extra is None else None
+        results: list[ReceivedLike] = []
         with self.lock:
             now = self.clock()
             for i, (total, addr, seg) in enumerate(got):
@@ -574,10 +581,22 @@ class Datapath:
                     continue
                 source = endpoint(addr)
                 view = views[i]
-                # a GRO receive of framed datagrams (a bulk flow through a peer relay): one
-                # check of every segment's prefix instead of a slice and compare per segment
-                all_framed = (flen and seg < total and view[:flen] == framed
-                              and same_heads(view, total, seg, flen))
+                all_framed = 0
+                if flen and seg < total and view[:flen] == framed:
+                    # a GRO receive of framed datagrams (a bulk flow through a peer relay): the
+                    # device may take it whole; else one check of every segment's prefix
+                    # instead of a slice and compare per segment
+                    if run is not None:
+                        try:
+                            rs = run(view, total, seg, source, now)
+                        except Exception as e:
+                            self._count_error("core_receive_error", e)
+                            rs = ()
+                        if rs is not None:
+                            ndgrams += -(-total // seg)
+                            results += rs
+                            continue
+                    all_framed = same_heads(view, total, seg, flen)
                 for off in range(0, total, seg):
                     end = off + seg
                     d = view[off : end if end < total else total]
@@ -598,23 +617,25 @@ class Datapath:
                     except Exception as e:
                         self._count_error("core_receive_error", e)
                         continue
-                    if r.packets:
-                        if flt is None:
-                            to_tun.extend(r.packets)
-                        else:
-                            peer = getattr(r, "peer", None)
-                            for p in r.packets:
-                                try:
-                                    ok = flt(p, peer)
-                                except Exception as e:
-                                    self._count_error("filter_error", e)
-                                    ok = False
-                                if ok:
-                                    to_tun.append(p)
-                                else:
-                                    c.drops["filtered"] += 1
-                    if r.transmits:
-                        out.extend(r.transmits)
+                    results.append(r)
+            for r in results:
+                if r.packets:
+                    if flt is None:
+                        to_tun.extend(r.packets)
+                    else:
+                        peer = getattr(r, "peer", None)
+                        for p in r.packets:
+                            try:
+                                ok = flt(p, peer)
+                            except Exception as e:
+                                self._count_error("filter_error", e)
+                                ok = False
+                            if ok:
+                                to_tun.append(p)
+                            else:
+                                c.drops["filtered"] += 1
+                if r.transmits:
+                    out.extend(r.transmits)
         c.udp_rx_packets += ndgrams
         c.udp_rx_bytes += nbytes
         fd = self.tun.fileno()
