@@ -40,7 +40,8 @@ then reads the DERP connections' algorithm back with ``ss -ti`` and prints it (t
 column), so the table shows what the kernel used, not what was asked for.
 
 In the clean condition every number is CPU-bound on the 2 shared vCPUs (iperf3 on both ends, two
-daemons, the relay or DERP server): compare ratios, not absolute Mbit/s. There the relay's own
+daemons, the relay or DERP server; the receiving daemon's thread is the bottleneck, busy or
+waiting for a CPU ~93% of the time): compare ratios, not absolute Mbit/s. There the relay's own
 work (a receive and a send per batch, ~9% of a core at ~700 Mbit/s; or, on the kernel path, the
 extra hop inside the sender's ``sendmsg``) comes out of the CPU the endpoints share, which a relay
 on its own machine would not take. The link condition is the same lab with each client's uplink
