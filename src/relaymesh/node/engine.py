@@ -152,7 +152,8 @@ class TrackingDevice:
         recv, key, out, wrong = self.inner.receive, pe.node_key, [], 0
         step = seg - RELAY_HEADER_LEN
         for off in range(RELAY_HEADER_LEN, total, seg):
-            r = recv(view[off : off + step], pe, now)
+            end = off + step  # the view is the whole receive buffer: never read past total
+            r = recv(view[off : end if end < total else total], pe, now)
             peer = r.peer
             if peer is not None and peer.public_key != key:
                 self._drop("relay_wrong_peer")  # the session belongs to another peer
